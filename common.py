@@ -1,0 +1,324 @@
+"""Method-agnostic helpers shared by adco.py, caco.py, moco_co2.py and linear_eval.py.
+
+Rule (see README, "Layout"): only code whose bugs *crash* rather than silently shift accuracy lives here:
+the ResNet factory, datasets, crop wrappers, the augmentation *operators* (not their values), the
+DataLoader factory and the kNN classifier. Losses, negatives, schedules, EMA and augmentation values stay
+inline in each method file, where a reader of that one file can audit them.
+
+Contents
+    UserError                  one clear message, no traceback (caught in each script's entry point)
+    build_resnet               torchvision ResNet without fc (+ optional 3x3 small-image stem)
+    GaussianBlur, Solarize     PIL operators used inside torchvision pipelines (torch RNG, so seeded runs repeat)
+    TwoCrops, MultiCrop        apply several pipelines to one image
+    eval_transform             Resize(size*256/224) + CenterCrop(size) + normalise (val / kNN / linear eval)
+    SyntheticImages            deterministic labelled fake images (no download; smoke runs and tests)
+    make_dataset               `imagefolder` (ImageNet layout) or `synthetic`, with clear errors
+    ResumableSampler, make_loader   DistributedSampler that can restart mid-epoch; DataLoader factory
+    extract_features, knn_predict, knn_accuracy   weighted kNN (InstDisc rule, k=200, T=0.1 by default)
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image, ImageFilter, ImageOps
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# A handful of ImageNet training JPEGs exceed PIL's decompression-bomb limit and warn or crash
+# (facebookresearch/moco #73). They are legitimate photos, so lift the limit.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class UserError(Exception):
+    """A problem with the user's input (paths, sizes, checkpoints). Printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backbone
+# ---------------------------------------------------------------------------------------------------
+def build_resnet(arch: str, small_stem: bool = False) -> tuple[nn.Module, int]:
+    """torchvision ResNet with `fc` replaced by Identity -> (backbone, feature dim).
+
+    The parameter names are torchvision's (conv1.weight, layer1.0.bn1.running_mean, ...), so a backbone
+    state dict loads into `torchvision.models.<arch>()` with only `fc.*` missing.
+    `small_stem`: 3x3 stride-1 conv1 and no max-pool, the usual CIFAR (32 px) stem. With it the
+    conv1 weight is 64x3x3x3 instead of 64x3x7x7, so it no longer loads into a stock torchvision ResNet.
+    """
+    if arch not in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+        raise UserError(f"unknown --arch {arch!r}")
+    net = getattr(torchvision.models, arch)(weights=None)  # default torchvision init, as all three papers
+    feat_dim = net.fc.in_features  # 512 for resnet18/34, 2048 for resnet50+
+    net.fc = nn.Identity()
+    if small_stem:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's conv init
+        net.maxpool = nn.Identity()
+    return net, feat_dim
+
+
+# ---------------------------------------------------------------------------------------------------
+# Augmentation operators (the probabilities and strengths are set inline in each method file)
+# ---------------------------------------------------------------------------------------------------
+class GaussianBlur:
+    """PIL Gaussian blur with radius sigma ~ U[sigma_min, sigma_max] (SimCLR/MoCo v2: [0.1, 2.0]).
+
+    PIL derives the kernel from the radius; there is no kernel-size parameter (lightly #1051).
+    sigma is drawn from torch's RNG (not `random`), so a seeded run and a resumed run draw the same values.
+    """
+
+    def __init__(self, sigma_min: float = 0.1, sigma_max: float = 2.0):
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        sigma = self.sigma_min + (self.sigma_max - self.sigma_min) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(sigma=({self.sigma_min}, {self.sigma_max}))"
+
+
+class Solarize:
+    """PIL solarize: invert every pixel value >= threshold (BYOL: threshold 128). Wrap in RandomApply."""
+
+    def __init__(self, threshold: int = 128):
+        self.threshold = threshold
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img, self.threshold)
+
+    def __repr__(self) -> str:
+        return f"Solarize(threshold={self.threshold})"
+
+
+class TwoCrops:
+    """Two views of one image: [first(img), second(img)]. With one pipeline, both views use it (MoCo)."""
+
+    def __init__(self, first, second=None):
+        self.first, self.second = first, (second if second is not None else first)
+
+    def __call__(self, img):
+        return [self.first(img), self.second(img)]
+
+
+class MultiCrop:
+    """Several views of one image, one per pipeline, in the given order (e.g. AdCo: 1 key + 5 query crops)."""
+
+    def __init__(self, pipelines):
+        self.pipelines = list(pipelines)
+
+    def __call__(self, img):
+        return [p(img) for p in self.pipelines]
+
+
+def eval_transform(image_size: int) -> T.Compose:
+    """Resize the short side to size*256/224, centre-crop `size` (ImageNet: 256 -> 224; 32 px: 36 -> 32)."""
+    return T.Compose([
+        T.Resize(int(round(image_size * 256 / 224))),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------
+class SyntheticImages(Dataset):
+    """A small deterministic labelled fake dataset: image i depends only on (seed, i).
+
+    Each class has its own smooth colour pattern; an image is its class pattern, randomly shifted, plus
+    noise. So features can separate classes (kNN and linear probes have signal), nothing is downloaded,
+    and two processes see identical images. Images are PIL RGB so the real augmentation pipelines apply.
+    """
+
+    def __init__(self, num_images: int, image_size: int, num_classes: int = 10, seed: int = 0, transform=None):
+        self.num_images, self.image_size, self.transform = num_images, image_size, transform
+        self.classes = [f"class{c}" for c in range(num_classes)]
+        self.seed = seed
+        g = torch.Generator().manual_seed(12345)  # the class patterns are the same for every split
+        low = torch.rand(num_classes, 3, 4, 4, generator=g)  # a 4x4 colour layout per class, upsampled
+        self.patterns = F.interpolate(low, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int):
+        label = index % len(self.classes)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        shift = torch.randint(-self.image_size // 4, self.image_size // 4 + 1, (2,), generator=g)
+        img = torch.roll(self.patterns[label], shifts=(int(shift[0]), int(shift[1])), dims=(1, 2))
+        img = (img + 0.15 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+        pil = Image.fromarray((img * 255).round().byte().permute(1, 2, 0).numpy(), mode="RGB")
+        return (self.transform(pil) if self.transform is not None else pil), label
+
+
+def _checked_pil_loader(path: str) -> Image.Image:
+    """ImageFolder's loader, but a corrupt or unreadable file names itself instead of a bare PIL error."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... depending on the damage
+        raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def make_dataset(kind: str, data: str | None, split: str, transform, synthetic_images: int = 256,
+                 image_size: int = 224, seed: int = 0) -> Dataset:
+    """`split` is "train" or "val". imagefolder: <data>/train/<class>/*.jpg and <data>/val (or test)/...
+
+    Every failure is a UserError naming the path: missing root, missing split, no class folders, a class
+    folder without images.
+    """
+    if kind == "synthetic":
+        n = synthetic_images if split == "train" else max(synthetic_images // 4, 10)
+        # different seeds -> the val images are different images of the same classes
+        return SyntheticImages(n, image_size, seed=seed if split == "train" else seed + 1, transform=transform)
+    if kind != "imagefolder":
+        raise UserError(f"unknown --dataset {kind!r} (use imagefolder or synthetic)")
+    if not data:
+        raise UserError("--dataset imagefolder needs --data /path/to/root with train/ and val/ (or test/) "
+                        "class folders; use --dataset synthetic for a smoke run")
+    if not os.path.isdir(data):
+        raise UserError(f"data folder {data} does not exist")
+    names = ["train"] if split == "train" else ["val", "test"]
+    folder = next((os.path.join(data, n) for n in names if os.path.isdir(os.path.join(data, n))), None)
+    if folder is None:
+        raise UserError(f"data folder {data} has no {' or '.join(n + '/' for n in names)} sub-folder")
+    try:
+        return torchvision.datasets.ImageFolder(folder, transform=transform, loader=_checked_pil_loader)
+    except FileNotFoundError as e:  # "Couldn't find any class folder" / "Found no valid file for the classes"
+        raise UserError(f"{folder}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loader
+# ---------------------------------------------------------------------------------------------------
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (drop_last=True) whose epoch can start at batch `start_batch`.
+
+    The order of an epoch depends only on (seed, epoch), never on how many times the run was resumed, so
+    resuming from a mid-epoch checkpoint continues with exactly the batches the interrupted run had not
+    yet seen. Works with one process (num_replicas=1) without a process group.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, batch_per_rank: int, seed: int, shuffle=True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.batch_per_rank, self.start_batch = batch_per_rank, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start_batch = start_batch
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        usable = len(indices) // self.batch_per_rank * self.batch_per_rank  # whole batches only
+        return iter(indices[self.start_batch * self.batch_per_rank: usable])
+
+    def __len__(self) -> int:
+        return (self.num_samples // self.batch_per_rank - self.start_batch) * self.batch_per_rank
+
+
+def make_loader(dataset, batch_per_rank: int, rank: int, world: int, workers: int, seed: int,
+                shuffle: bool = True, pin_memory: bool = True) -> DataLoader:
+    """Training loader: ResumableSampler (call `loader.sampler.set_epoch(e)` every epoch), drop_last,
+    pinned memory, persistent workers, prefetch 4 batches per worker.
+
+    The loader gets its own generator so creating an iterator does not consume the global torch RNG:
+    with workers=0 a resumed run then draws exactly the augmentations of an uninterrupted one.
+    """
+    if len(dataset) < batch_per_rank * world:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "
+                        f"({batch_per_rank * world}); lower --batch-size")
+    sampler = ResumableSampler(dataset, world, rank, batch_per_rank, seed, shuffle)
+    return DataLoader(
+        dataset, batch_size=batch_per_rank, sampler=sampler, num_workers=workers, drop_last=True,
+        pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed + rank),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# kNN classifier (InstDisc weighted vote; spec moco_co2.md section 4)
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(backbone: nn.Module, dataset, batch_size: int, device: torch.device, workers: int = 0,
+                     autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised backbone features and labels of the *whole* dataset, in dataset order, on every rank.
+
+    Rank r embeds images r, r+R, r+2R, ... (the index list is padded to a multiple of R so that
+    all_gather sees equal shapes); the gathered result is re-interleaved and the padding dropped, so no
+    image is counted twice. The caller puts the network in eval mode. Features are fp32.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    n = len(dataset)
+    padded = list(range(n)) + list(range((-n) % world))  # repeat a few images so n_padded % world == 0
+    mine = padded[rank::world]
+    loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())  # own generator: leaves the global RNG stream untouched
+    feats, labels = [], []
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        if autocast is not None:
+            with autocast():
+                out = backbone(images)
+        else:
+            out = backbone(images)
+        feats.append(F.normalize(out.float(), dim=1))
+        labels.append(targets.to(device))
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if world > 1:  # gathered[w][j] is image padded[w + j * world]
+        all_feats = [torch.empty_like(feats) for _ in range(world)]
+        all_labels = [torch.empty_like(labels) for _ in range(world)]
+        dist.all_gather(all_feats, feats)
+        dist.all_gather(all_labels, labels)
+        feats = torch.stack(all_feats, dim=1).flatten(0, 1)[:n]
+        labels = torch.stack(all_labels, dim=1).flatten(0, 1)[:n]
+    return feats, labels
+
+
+@torch.no_grad()
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                num_classes: int, k: int = 200, t: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Class scores S_c(z) = sum over the k most similar train features z_j of exp(z.z_j / t) [y_j = c].
+
+    All features are unit rows (cosine similarity). train_feats [M, C], test_feats [Q, C] -> scores [Q, classes].
+    k is capped at M. Computed in fp32, in chunks of test rows to bound memory.
+    """
+    k = min(k, train_feats.shape[0])
+    scores = []
+    for start in range(0, test_feats.shape[0], chunk):
+        sim = test_feats[start:start + chunk].float() @ train_feats.float().T  # [q, M]
+        top_sim, top_idx = sim.topk(k, dim=1)  # [q, k]
+        weights = (top_sim / t).exp()
+        onehot = F.one_hot(train_labels[top_idx], num_classes).to(weights.dtype)  # [q, k, classes]
+        scores.append((weights.unsqueeze(-1) * onehot).sum(dim=1))
+    return torch.cat(scores)
+
+
+def knn_accuracy(backbone: nn.Module, train_set, val_set, batch_size: int, device: torch.device,
+                 k: int = 200, t: float = 0.1, workers: int = 0, autocast=None) -> tuple[float, float]:
+    """kNN top-1 / top-5 (percent) of `val_set`, using `train_set` (with the eval transform) as memory.
+
+    Switches the backbone to eval mode for the extraction and restores its previous mode afterwards.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        train_feats, train_labels = extract_features(backbone, train_set, batch_size, device, workers, autocast)
+        val_feats, val_labels = extract_features(backbone, val_set, batch_size, device, workers, autocast)
+    finally:
+        backbone.train(was_training)
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    scores = knn_predict(train_feats, train_labels, val_feats, num_classes, k, t)
+    top5 = scores.topk(min(5, num_classes), dim=1).indices
+    top1_acc = (top5[:, 0] == val_labels).float().mean().item() * 100
+    top5_acc = (top5 == val_labels[:, None]).any(dim=1).float().mean().item() * 100
+    return top1_acc, top5_acc
