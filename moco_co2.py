@@ -198,11 +198,12 @@ def co2_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau_con: flo
     queue, even if they require grad. Both KL directions keep their gradient through P (detaching P in
     KL(P||Q) would silently turn this into a one-directional KL). The caller multiplies by α.
     """
-    queue = queue.detach().float()
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 at least (fp64 stays fp64, for tests)
+    queue = queue.detach().to(dtype)
     # log P: [N, K]. log_softmax (not log(softmax)) stays finite when a probability underflows.
-    log_P = F.log_softmax(q.float() @ queue / tau_con, dim=1)
+    log_P = F.log_softmax(q.to(dtype) @ queue / tau_con, dim=1)
     with torch.no_grad():  # the pseudo label: a constant
-        log_Q = F.log_softmax(k.detach().float() @ queue / tau_con, dim=1)  # [N, K]
+        log_Q = F.log_softmax(k.detach().to(dtype) @ queue / tau_con, dim=1)  # [N, K]
     kl_PQ = (log_P.exp() * (log_P - log_Q)).sum(dim=1)  # KL(P||Q) = Σ_j P_j (log P_j - log Q_j), [N]
     kl_QP = (log_Q.exp() * (log_Q - log_P)).sum(dim=1)  # KL(Q||P) = Σ_j Q_j (log Q_j - log P_j), [N]
     return (0.5 * kl_PQ + 0.5 * kl_QP).mean()  # sum over j, mean over samples ("batchmean")

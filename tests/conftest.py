@@ -1,0 +1,100 @@
+"""Shared test helpers: run a script as a user would (subprocess, plain python or torchrun), tiny settings.
+
+Every training script accepts TINY (a synthetic 64-image, 32 px, ResNet-18 run that takes seconds on CPU).
+"""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests import the scripts' pure functions: `from moco_co2 import co2_loss`
+
+TINY = ["--dataset", "synthetic", "--synthetic-images", "64", "--arch", "resnet18", "--image-size", "32",
+        "--batch-size", "16", "--workers", "0", "--seed", "0"]
+
+
+def _env(extra=None):
+    env = dict(os.environ)
+    env.pop("RANK", None)  # a plain `python` run must not think it is under torchrun
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra or {})
+    return env
+
+
+def run_script(script, *args, check=True, timeout=600, env=None):
+    """`python <script> args...` from the repo root. Returns the CompletedProcess (stdout/stderr as text)."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script, *args, nproc=2, check=True, timeout=600, env=None):
+    """`torchrun --standalone --nproc_per_node=<nproc> <script> args...` (gloo on CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                             f"stderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_two_nodes(script, *args, timeout=600, env=None):
+    """Two torchrun 'nodes' of one process each on loopback (--nnodes 2 --node_rank 0/1), run concurrently.
+    Returns the two CompletedProcess-like (returncode, stdout, stderr) tuples, node 0 first."""
+    port = free_port()
+    procs = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
+               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+               str(ROOT / script), *map(str, args)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(env), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append((p.returncode, out, err))
+    for code, out, err in results:
+        if code != 0:
+            raise AssertionError(f"two-node {script} exited {code}\nstdout:\n{out[-4000:]}\nstderr:\n{err[-4000:]}")
+    return results
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_state_equal(a, b, path="state"):
+    """Recursively: tensors bitwise equal (torch.equal), everything else ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} differs (max abs diff {(a.double() - b.double()).abs().max()})"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: keys {set(a) ^ set(b)}"
+        for key in a:
+            assert_state_equal(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_state_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)

@@ -1,0 +1,103 @@
+"""common.py: ResNet factory, datasets and their errors, the resumable sampler, the kNN vote."""
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from common import (ResumableSampler, SyntheticImages, UserError, build_resnet, eval_transform, knn_predict,
+                    make_dataset)
+
+
+@pytest.mark.parametrize("arch,feat", [("resnet18", 512), ("resnet50", 2048)])
+def test_build_resnet_loads_into_torchvision(arch, feat):
+    backbone, dim = build_resnet(arch)
+    assert dim == feat
+    reference = getattr(torchvision.models, arch)()
+    missing, unexpected = reference.load_state_dict(backbone.state_dict(), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    backbone.eval(), reference.eval()
+    x = torch.randn(2, 3, 64, 64)
+    reference.fc = torch.nn.Identity()
+    assert torch.equal(backbone(x), reference(x))
+
+
+def test_small_stem_keeps_resolution():
+    backbone, _ = build_resnet("resnet18", small_stem=True)
+    assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
+    assert isinstance(backbone.maxpool, torch.nn.Identity)
+    # 32 px: stride 1 stem + 3 stride-2 stages -> 4x4 before pooling (standard stem would give 1x1)
+    feats = {}
+    backbone.layer4.register_forward_hook(lambda m, i, o: feats.update(l4=o.shape))
+    backbone(torch.randn(2, 3, 32, 32))
+    assert feats["l4"][-2:] == (4, 4)
+
+
+def test_synthetic_is_deterministic_and_labelled():
+    a = SyntheticImages(20, 16, seed=3)
+    b = SyntheticImages(20, 16, seed=3)
+    img, label = a[7]
+    assert isinstance(img, Image.Image) and img.size == (16, 16) and label == 7 % 10
+    assert img.tobytes() == b[7][0].tobytes()
+    assert img.tobytes() != SyntheticImages(20, 16, seed=4)[7][0].tobytes()
+
+
+def test_imagefolder_errors_name_the_path(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        make_dataset("imagefolder", str(tmp_path / "nope"), "train", None)
+    with pytest.raises(UserError, match="no train/"):
+        make_dataset("imagefolder", str(tmp_path), "train", None)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(UserError, match="class folder"):
+        make_dataset("imagefolder", str(tmp_path), "train", None)
+    (tmp_path / "train" / "cat").mkdir()
+    with pytest.raises(UserError, match="cat"):
+        make_dataset("imagefolder", str(tmp_path), "train", None)
+    with pytest.raises(UserError, match="needs --data"):
+        make_dataset("imagefolder", None, "train", None)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    folder = tmp_path / "train" / "cat"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "good.jpg")
+    (folder / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    data = make_dataset("imagefolder", str(tmp_path), "train", eval_transform(8))
+    assert data[1][0].shape == (3, 8, 8)  # files sort by name: bad.jpg is 0, good.jpg is 1
+    with pytest.raises(UserError, match="bad.jpg"):
+        data[0]
+
+
+def test_val_split_falls_back_to_test(tmp_path):
+    folder = tmp_path / "test" / "dog"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    assert len(make_dataset("imagefolder", str(tmp_path), "val", None)) == 1
+
+
+def test_resumable_sampler_skips_exactly_the_seen_batches():
+    data = list(range(50))
+    full = ResumableSampler(data, num_replicas=2, rank=1, batch_per_rank=4, seed=0)
+    full.set_epoch(3)
+    order = list(full)
+    assert len(order) == len(full) == 24  # 25 samples per rank -> 6 whole batches of 4
+    resumed = ResumableSampler(data, num_replicas=2, rank=1, batch_per_rank=4, seed=0)
+    resumed.set_epoch(3, start_batch=2)
+    assert list(resumed) == order[8:] and len(resumed) == 16
+    other_epoch = ResumableSampler(data, num_replicas=2, rank=1, batch_per_rank=4, seed=0)
+    other_epoch.set_epoch(4)
+    assert list(other_epoch) != order
+
+
+def test_knn_predict_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
+    labels = torch.randint(0, 3, (40,), generator=g)
+    test = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
+    k, t = 7, 0.1
+    scores = knn_predict(train, labels, test, num_classes=3, k=k, t=t, chunk=2)
+    for i in range(5):
+        sims = [(float(test[i] @ train[j]), j) for j in range(40)]
+        nearest = sorted(sims, reverse=True)[:k]
+        expected = [sum(torch.exp(torch.tensor(s / t)).item() for s, j in nearest if labels[j] == c)
+                    for c in range(3)]
+        assert torch.allclose(scores[i], torch.tensor(expected), rtol=1e-5)
