@@ -15,7 +15,7 @@ Run it
     2 nodes x 8 GPUs (global batch stays --batch-size; scale --lr with it if you change it):
         torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
             moco_co2.py --data /path/to/imagenet        (and --node_rank=1 on the second node)
-    one GPU:   python moco_co2.py --data /path/to/imagenet --batch-size 64 --lr 0.0075
+    one GPU:   python moco_co2.py --data /path/to/imagenet --batch-size 64    (lr scales to 0.03 x 64/256)
     CPU smoke run (seconds):
         python moco_co2.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
             --batch-size 16 --queue-size 64 --workers 0 --epochs 2 --out-dir runs/smoke
