@@ -385,12 +385,20 @@ def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
         if os.path.exists(last):
             raise UserError(f"{last} already exists: pass --resume auto to continue that run, "
                             f"or choose another --out-dir (nothing was overwritten)")
-        return None
-    if resume == "auto":
-        return last if os.path.exists(last) else None
-    if not os.path.isfile(resume):
+        found = None
+    elif resume == "auto":
+        found = last if os.path.exists(last) else None
+    elif not os.path.isfile(resume):
         raise UserError(f"--resume {resume}: no such file")
-    return resume
+    else:
+        found = resume
+    if is_distributed():  # all ranks must resume from the same file (rank 0 writes; other nodes must see it)
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, found)
+        if len(set(seen)) > 1:
+            raise UserError(f"ranks disagree about the checkpoint to resume ({seen}): --out-dir must be on a "
+                            f"filesystem shared by all nodes")
+    return found
 
 
 def load_checkpoint(path: str, args, must_match: tuple) -> dict:

@@ -44,3 +44,29 @@ def test_fence_parser_detects_a_difference(tmp_path):
     a.write_text("# >>> shared: x\ny = 1\n# <<< shared: x\n")
     b.write_text("# >>> shared: x\ny = 2\n# <<< shared: x\n")
     assert blocks(a) != blocks(b)
+
+
+def sync_from(source: str) -> None:
+    """Copy every fenced block of `source` into the other scripts that carry a block of the same name."""
+    reference = blocks(ROOT / source)
+    for name in SCRIPTS:
+        path = ROOT / name
+        if name == source or not path.exists():
+            continue
+        text = path.read_text()
+        for block, body in reference.items():
+            pattern = re.compile(rf"(^# >>> shared: {re.escape(block)}\n).*?(^# <<< shared: {re.escape(block)}$)",
+                                 re.S | re.M)
+            text = pattern.sub(lambda m: m[1] + body + "\n" + m[2], text)
+        path.write_text(text)
+        print(f"synced {name} from {source}")
+
+
+if __name__ == "__main__":
+    # After fixing a shared block in one file:  python tests/test_shared_blocks.py --sync moco_co2.py
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--sync":
+        sync_from(sys.argv[2])
+    else:
+        sys.exit("usage: python tests/test_shared_blocks.py --sync SOURCE.py")
