@@ -1,0 +1,92 @@
+"""How many training images per second the real augmentation pipelines deliver, per DataLoader worker.
+
+A benchmark, not a test: it reads real JPEGs from an ImageFolder tree (e.g. the CIFAR-10 pack unpacked with
+shared/data/npz_to_imagefolder.py, or ImageNet), builds each method's own training transform (imported from
+the method file, so the numbers are for exactly the pipeline that trains), and times batches coming out of a
+DataLoader for several worker counts. Use it to size --workers: a GPU that trains at X img/s needs about
+X / (img/s per worker) workers.
+
+    python benchmarks/dataloading.py --data data/cifar10 --image-size 32 --workers 1 2
+    python benchmarks/dataloading.py --data /path/to/imagenet --image-size 224 --workers 4 8 --json
+"""
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import tyro
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import make_dataset, make_loader  # noqa: E402
+
+
+@dataclass
+class Args:
+    data: str
+    """ImageFolder root with train/ (ImageNet layout)"""
+    methods: list[str] = field(default_factory=lambda: ["moco_co2", "adco", "adco-multi-crop", "caco",
+                                                        "caco-multi-crop"])
+    """pipelines to time: <script> or <script>-multi-crop"""
+    image_size: int = 224
+    """crop size passed to the method's transform (multi-crop sizes scale with it)"""
+    workers: list[int] = field(default_factory=lambda: [1, 2])
+    """worker counts to time"""
+    batch_size: int = 64
+    """images per batch (one process)"""
+    batches: int = 30
+    """timed batches per setting (after 3 warm-up batches, so worker start-up is excluded)"""
+    json: bool = False
+    """print one JSON object per setting instead of a table"""
+
+
+def transform_for(name: str, image_size: int):
+    script, _, variant = name.partition("-")
+    module = importlib.import_module(script)
+    fields = {"image_size": image_size}
+    if variant == "multi-crop":
+        fields["multi_crop"] = True
+    return module.train_transform(module.Args(**fields))
+
+
+def main(args: Args) -> list[dict]:
+    rows = []
+    for name in args.methods:
+        try:
+            transform = transform_for(name, args.image_size)
+        except (ImportError, AttributeError, TypeError) as e:
+            print(f"skipping {name}: {e}", file=sys.stderr)
+            continue
+        dataset = make_dataset("imagefolder", args.data, "train", transform)
+        for workers in args.workers:
+            loader = make_loader(dataset, args.batch_size, 0, 1, workers, seed=0)
+            loader.sampler.set_epoch(0)
+            it = iter(loader)
+            for _ in range(3):
+                views, _ = next(it)
+            start = time.perf_counter()
+            for _ in range(args.batches):
+                views, _ = next(it)
+            seconds = time.perf_counter() - start
+            images = args.batches * args.batch_size
+            rows.append({"pipeline": name, "image_size": args.image_size, "workers": workers,
+                         "views": len(views), "img_per_s": images / seconds,
+                         "img_per_s_per_worker": images / seconds / max(workers, 1),
+                         "torch_threads": torch.get_num_threads()})
+            del it, loader
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(f"{'pipeline':<18}{'size':>6}{'views':>7}{'workers':>9}{'img/s':>10}{'img/s/worker':>14}")
+        for r in rows:
+            print(f"{r['pipeline']:<18}{r['image_size']:>6}{r['views']:>7}{r['workers']:>9}"
+                  f"{r['img_per_s']:>10.0f}{r['img_per_s_per_worker']:>14.0f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

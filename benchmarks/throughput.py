@@ -1,0 +1,221 @@
+"""Training-step throughput of each method on synthetic data already on the device.
+
+A benchmark, not a test. For a method, architecture, image size and per-device batch it times warm training
+steps and prints images/s, ms/step, peak memory, model FLOP utilisation, and where the step goes:
+    encoders     query/key forward, EMA, backward and optimizer step (the ResNets and heads)
+    loss         logits, softmax, cross-entropy, KL: the fp32 N x K arithmetic
+    queue/bank   the queue enqueue (MoCo) or the adversarial bank update (AdCo, CaCo)
+    collectives  all_gather / all_reduce / broadcast (zero with one process)
+Throughput comes from steps timed without any synchronisation inside the step (what training sees); the
+breakdown from separate steps with a device synchronisation between phases (which costs a little, so the
+phase times add up to slightly more than the free-running step).
+
+The step is composed from the method file's own functions (Encoder, momentum_update, infonce_logits,
+co2_loss, enqueue, bank_grad, ...), in the order its main() calls them; data loading is excluded on purpose
+(benchmarks/dataloading.py measures it).
+
+    python benchmarks/throughput.py --method moco_co2 --arch resnet18 --image-size 32 --batch 16 --device cpu
+    python benchmarks/throughput.py --method adco --sweep            # GPU: fp32 vs bf16 vs +channels_last vs +compile
+    python benchmarks/throughput.py --method caco --batch 128 --json
+MFU = model FLOPs per step (counted by torch.utils.flop_counter on one step) / step time / peak, where the
+peak is measured here: a large bf16 (GPU; fp32 on CPU) matmul.
+"""
+import copy
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+import tyro
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+@dataclass
+class Args:
+    method: Literal["moco_co2", "adco", "caco"] = "moco_co2"
+    """which script's training step to time"""
+    arch: str = "resnet50"
+    """backbone"""
+    image_size: int = 224
+    """input resolution"""
+    batch: int = 256
+    """images per device per step"""
+    bank_size: int = 65536
+    """K: queue (MoCo) or bank (AdCo, CaCo) size"""
+    device: Optional[str] = None
+    """cuda or cpu (default: cuda if available)"""
+    amp: bool = True
+    """bf16 autocast on GPU (ignored on CPU)"""
+    channels_last: bool = True
+    """channels_last on GPU (ignored on CPU)"""
+    compile: bool = False
+    """torch.compile the query encoder"""
+    sweep: bool = False
+    """time fp32, amp, amp+channels_last and amp+channels_last+compile and print one table"""
+    steps: int = 20
+    """timed steps"""
+    warmup: int = 5
+    """untimed steps first (cudnn autotuning, compile)"""
+    json: bool = False
+    """print JSON lines instead of a table"""
+
+
+class Timer:
+    """Accumulates wall time per phase; synchronises the device at each mark only when `sync` is on."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.device, self.sync, self.times, self.last = device, sync, {}, None
+
+    def start(self):
+        if self.sync:
+            self._synchronize()
+            self.last = time.perf_counter()
+
+    def mark(self, phase: str):
+        if self.sync:
+            self._synchronize()
+            now = time.perf_counter()
+            self.times[phase] = self.times.get(phase, 0.0) + now - self.last
+            self.last = now
+
+    def _synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def moco_co2_step(args: Args, device, autocast, memory_format):
+    """One MoCo v2 + CO2 step as moco_co2.main runs it."""
+    m = importlib.import_module("moco_co2")
+    d = m.Args()
+    encoder_q = m.Encoder(args.arch, False, d.mlp_dim, d.dim).to(device, memory_format=memory_format)
+    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
+    model = torch.compile(encoder_q) if args.compile else encoder_q
+    queue = F.normalize(torch.randn(d.dim, args.bank_size, device=device), dim=0)
+    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    state = {"ptr": 0}
+
+    def step(x_q, x_k, timer: Timer):
+        timer.start()
+        with autocast():
+            q = model(x_q)
+        q = F.normalize(q.float(), dim=1)
+        with torch.no_grad():
+            m.momentum_update(encoder_q, encoder_k, d.moco_m)
+            timer.mark("encoders")
+            x_k, idx = m.batch_shuffle(x_k)
+            timer.mark("collectives")
+            with autocast():
+                k = encoder_k(x_k)
+            timer.mark("encoders")
+            k = m.batch_unshuffle(F.normalize(k.float(), dim=1), idx)
+            timer.mark("collectives")
+        logits, labels = m.infonce_logits(q, k, queue, d.moco_t)
+        loss = F.cross_entropy(logits, labels) + d.co2_alpha * m.co2_loss(q, k, queue, d.co2_tau)
+        timer.mark("loss")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        timer.mark("encoders")
+        k_all = m.concat_all_gather(k)
+        timer.mark("collectives")
+        state["ptr"] = m.enqueue(queue, state["ptr"], k_all)
+        timer.mark("queue/bank")
+
+    return step, [encoder_q]
+
+
+STEPS = {"moco_co2": moco_co2_step}
+
+
+def peak_matmul_flops(device: torch.device) -> float:
+    """Measured dense matmul rate (FLOP/s): bf16 8192^3 on GPU, fp32 1024^3 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    timer = Timer(device, sync=True)
+    timer.start()
+    reps = 20 if device.type == "cuda" else 3
+    for _ in range(reps):
+        a @ b
+    timer.mark("mm")
+    return 2 * n**3 * reps / timer.times["mm"]
+
+
+def run(args: Args, device: torch.device, peak: float) -> dict:
+    use_amp = args.amp and device.type == "cuda"
+    dtype = torch.bfloat16 if use_amp else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=use_amp)
+
+    memory_format = torch.channels_last if (args.channels_last and device.type == "cuda") else torch.contiguous_format
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    step, _ = STEPS[args.method](args, device, autocast, memory_format)
+    x_q = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device).to(memory_format=memory_format)
+    x_k = torch.randn_like(x_q)
+    free = Timer(device, sync=False)
+    for _ in range(args.warmup):
+        step(x_q, x_k, free)
+    with FlopCounterMode(display=False) as counter:
+        step(x_q, x_k, free)
+    flops = counter.get_total_flops()
+    wall = Timer(device, sync=True)
+    wall.start()
+    for _ in range(args.steps):
+        step(x_q, x_k, free)
+    wall.mark("step")
+    seconds = wall.times["step"] / args.steps
+    phases = Timer(device, sync=True)
+    for _ in range(args.steps):
+        step(x_q, x_k, phases)
+    total = sum(phases.times.values())
+    return {
+        "method": args.method, "arch": args.arch, "image_size": args.image_size, "batch": args.batch,
+        "bank_size": args.bank_size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "amp": use_amp, "channels_last": memory_format == torch.channels_last, "compile": args.compile,
+        "img_per_s": args.batch / seconds, "ms_per_step": 1000 * seconds,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "tflop_per_step": flops / 1e12, "mfu": flops / seconds / peak,
+        "share": {k: v / total for k, v in sorted(phases.times.items())},
+    }
+
+
+def main(args: Args) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    peak = peak_matmul_flops(device)
+    configs = [args]
+    if args.sweep:
+        configs = [Args(**{**vars(args), **change, "sweep": False})
+                   for change in ({"amp": False, "channels_last": False}, {"amp": True, "channels_last": False},
+                                  {"amp": True, "channels_last": True},
+                                  {"amp": True, "channels_last": True, "compile": True})]
+    rows = [run(c, device, peak) for c in configs]
+    if args.json:
+        for row in rows:
+            print(json.dumps({**row, "peak_gflops_measured": peak / 1e9}))
+        return rows
+    print(f"measured peak matmul: {peak / 1e9:.0f} GFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
+    print(f"{'method':<9}{'amp':>5}{'c_last':>7}{'compile':>8}{'img/s':>9}{'ms/step':>9}{'mem GB':>8}{'MFU':>7}"
+          f"  share: encoders / loss / queue-bank / collectives")
+    for r in rows:
+        s = r["share"]
+        mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
+        print(f"{r['method']:<9}{str(r['amp']):>5}{str(r['channels_last']):>7}{str(r['compile']):>8}"
+              f"{r['img_per_s']:>9.0f}{r['ms_per_step']:>9.1f}{mem:>8}{100 * r['mfu']:>6.1f}%"
+              f"  {100 * s.get('encoders', 0):.1f}% / {100 * s.get('loss', 0):.1f}% / "
+              f"{100 * s.get('queue/bank', 0):.2f}% / {100 * s.get('collectives', 0):.2f}%")
+    return rows
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
