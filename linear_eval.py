@@ -1,0 +1,998 @@
+"""Linear probe, kNN evaluation, semi-supervised fine-tuning and backbone export for the three pre-training
+scripts (moco_co2.py, adco.py, caco.py), in one file.
+
+What it measures
+    linear probe   the number every paper reports: a linear classifier (fc) trained on the FROZEN backbone
+    --knn          weighted kNN (k=200, T=0.1) on L2-normalised backbone features; no training at all
+    --finetune     semi-supervised: the whole network trains on 1 % or 10 % of the labels (CO2 Table 2 setting)
+    --export-*     the backbone as a torchvision state dict or in detectron2 naming (detection transfer)
+Official code whose protocols this file follows (spec: shared/spec/moco_co2.md sections 3-5,
+shared/spec/adco_caco.md section 5):
+    MoCo   facebookresearch/moco @ 78b69ca, main_lincls.py   (the default protocol)
+    AdCo   maple-research-lab/AdCo @ fd65f12, lincls.py
+    CaCo   maple-research-lab/CaCo @ a72b345, linear.py (+ ops/LARS.py)
+    semi   OpenSelfSup / mmselfsup v0 benchmark, configs/benchmarks/semi_classification/imagenet_1percent/
+           base.py + r50_lr0_01_head100.py (the fine-tuning recipe; see "Semi-supervised recipe" below)
+
+Run it (PRE = the pre-training run folder; every protocol reads arch and stem from PRE/last.pt)
+    MoCo v2 / CO2 protocol, 8 GPUs (SGD lr 30, momentum 0.9, wd 0, batch 256, 100 epochs, x0.1 at 60 and 80):
+        torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt \
+            --out-dir runs/lincls_moco
+    AdCo protocol (lr 10, per-epoch cosine down to 0.01, batch 256, 100 epochs):
+        torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt \
+            --protocol adco --out-dir runs/lincls_adco
+    CaCo protocol (LARS-scaled SGD, trust 0.001, lr 0.025 per 256 = 0.4 at batch 4096, cosine to 0, 100 epochs):
+        torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt \
+            --protocol caco --out-dir runs/lincls_caco
+    2 nodes x 8 GPUs: torchrun --nnodes=2 --node_rank=0|1 --nproc_per_node=8 --rdzv_backend=c10d \
+            --rdzv_endpoint=HOST:29500 linear_eval.py ...   (--batch-size stays the global batch)
+    one GPU: python linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt
+    kNN (and the random-init baseline, to see what pre-training bought):
+        torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt --knn \
+            --knn-train-fraction 0.2 --out-dir runs/knn
+        torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --knn --random-init --arch resnet50 \
+            --knn-train-fraction 0.2 --out-dir runs/knn_random
+    semi-supervised, 1 % / 10 % labels (the standard SimCLR subset lists, or a seeded class-balanced draw):
+        torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt --finetune \
+            --label-fraction 0.01 --subset-file 1percent.txt --out-dir runs/semi1
+    export (no training, nothing else needed):
+        python linear_eval.py --checkpoint PRE/last.pt --export-torchvision r50.pth
+        python linear_eval.py --checkpoint PRE/last.pt --export-detectron2 r50_d2.pkl
+    CPU smoke run (seconds):
+        python linear_eval.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
+            --batch-size 16 --workers 0 --seed 0 --checkpoint runs/smoke/last.pt --epochs 1 --out-dir runs/smoke_lin
+    Continue an interrupted run: add --resume auto.
+
+What this file implements
+    frozen backbone  every backbone parameter has requires_grad=False and the backbone stays in eval mode for the
+                     whole run (BN uses and never updates its running statistics); its forward runs under
+                     no_grad. Only fc (W, b) trains: logits = W f(x) + b, W ~ N(0, 0.01²), b = 0 (MoCo L152-153)
+    sanity check     after the first epoch and at the end, every backbone tensor (weights, BN running mean and
+                     var, num_batches_tracked) must equal the pre-training file's, re-read from disk (MoCo L410-431)
+    schedules        step: lr_e = lr · γ^(#milestones <= e);
+                     cosine: lr_e = lr_end + (lr - lr_end) · ½(1 + cos(π e/E)); set once per epoch.
+                     lr = --lr x B/256: all three papers' values fit this per-256 rule at their batch size
+                     (MoCo 30 at 256, AdCo 10 at 256, CaCo 0.025 x 4096/256 = 0.4)
+    LARS (CaCo)      LARC "scaling" mode: g <- (g + wd·w) · η_t ‖w‖ / (‖g‖ + wd ‖w‖ + ε), η_t = 0.001,
+                     ε = 1e-8, skipped for a tensor whose ‖w‖ or ‖g‖ is 0 (the zero-initialised bias first
+                     moves plainly)
+    accuracy         top-1 / top-5 over the FULL val set: each rank evaluates images r, r+R, r+2R, ... (no
+                     padding, so no image is counted twice) and the three counts are summed over ranks
+    kNN              S_c(z) = Σ_{j in top-k by z.z_j} exp(z.z_j / T) [y_j = c] on L2-normalised pooled features,
+                     train split (eval transform) as memory, val reported (common.knn_accuracy)
+
+Semi-supervised recipe (--finetune; spec moco_co2.md section 5)
+    The CO2 paper's own fine-tuning recipe could not be verified. We use the OpenSelfSup / mmselfsup v0
+    ImageNet 1 % benchmark (verified there): whole ResNet trains (SyncBN on several GPUs), batch 256, RRC + flip,
+    SGD momentum 0.9, wd 5e-4, 20 epochs, lr x0.2 at epochs 12 and 16, backbone lr 0.01 and head lr x100
+    (= 1.0; the benchmark sweeps backbone lr {0.001, 0.01, 0.1} x head multiplier {1, 10, 100} and keeps the
+    best per method: sweep with --lr and --head-lr-mult). The same recipe is used for 10 %. The subset is
+    either the SimCLR list file (--subset-file: one image file name per line, e.g. n01440764_10026.JPEG) or a
+    class-balanced seeded draw: round(fraction x n_c) images of each class c (at least 1), drawn with --seed.
+
+Deviations from the official code
+    1. --batch-size is the GLOBAL batch and --lr is per 256 images (lr used = lr x B/256). At each paper's
+       batch size this gives the paper's lr; official MoCo/AdCo do not rescale when the batch changes.
+    2. Validation is sharded over ranks without duplicates and the counts are summed (MoCo: every rank
+       evaluates all 50k images; AdCo: DistributedSampler pads and averages per-batch accuracies; CaCo: padded
+       duplicates are counted).
+    3. The sanity check runs on every rank, after the first epoch AND at the end, and includes
+       num_batches_tracked (CaCo defines one but never calls it).
+    4. The training loader drops the last incomplete batch (at most B-1 images per epoch; official keeps it).
+    5. AMP: the backbone runs under bf16 autocast on GPUs that support it; fc, logits and loss are fp32.
+       --no-amp is the official fp32.
+    6. Resume (--resume auto) restarts at the next epoch with every rank's RNG state; official restarts
+       without RNG state. Both the last-epoch and the best top-1 are reported (official prints best_acc1).
+    7. LARS is written out here (LARC scaling mode) instead of wrapping SGD in CaCo's SGD_LARC class.
+    8. Checkpoints accepted: moco_co2.py / adco.py / caco.py last.pt (query encoder's backbone), a plain
+       torchvision ResNet state dict, or an official MoCo-style {"state_dict": {"module.encoder_q.*"}} file.
+
+Sections: Args -> recipes -> evaluation math (pure functions) -> checkpoint reading, sanity check, export ->
+plumbing (fenced, identical in every script) -> main(): 1 setup, 2 backbone, 3 kNN, 4 run folder and resume,
+5 data, 6 model and optimizer, 7 restore, 8 train loop, 9 end of epoch, 10 teardown.
+"""
+
+import json
+import math
+import os
+import pickle
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+import tyro
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Subset
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, UserError, build_resnet, eval_transform, knn_accuracy,
+                    make_dataset, make_loader)
+
+METHOD = "linear_eval"  # written into this script's own checkpoints; --resume refuses other files
+PRETRAIN_METHODS = ("moco_co2", "adco", "caco")  # the "method" field of the checkpoints --checkpoint accepts
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+@dataclass
+class Args:
+    """Linear probe / kNN / semi-supervised fine-tuning / export of a pre-trained ResNet.
+    Defaults = the MoCo linear-classification protocol (main_lincls.py); --protocol adco|caco for the others."""
+
+    # --- experiment -------------------------------------------------------------------------------
+    checkpoint: Optional[str] = None
+    """pre-training checkpoint (moco_co2.py / adco.py / caco.py last.pt) or a torchvision ResNet state dict"""
+    out_dir: str = "runs/linear_eval"
+    """folder for last.pt, metrics.jsonl and args.json; refused if it already holds a run and --resume is not given"""
+    resume: Optional[str] = None
+    """'auto': continue from <out-dir>/last.pt when it exists (else start fresh); or the path of a checkpoint"""
+    seed: int = 0
+    """seed for fc init, data order and the label subset (augmentations use seed + rank)"""
+
+    # --- what to do -------------------------------------------------------------------------------
+    knn: bool = False
+    """kNN evaluation only (no training): top-1/top-5 on val with the train split as memory"""
+    random_init: bool = False
+    """use a randomly initialised backbone instead of --checkpoint (the baseline; needs --arch)"""
+    finetune: bool = False
+    """semi-supervised fine-tuning: the whole network trains on a labelled subset of the train split"""
+    label_fraction: float = 0.01
+    """--finetune: fraction of labels, drawn class-balanced with --seed (0.01 or 0.1 in the papers)"""
+    subset_file: Optional[str] = None
+    """--finetune: a file listing the labelled images' file names, one per line (SimCLR 1percent.txt / 10percent.txt)"""
+    export_torchvision: Optional[str] = None
+    """write the backbone as a torchvision state dict (torchvision.models.<arch>() loads it, only fc missing), exit"""
+    export_detectron2: Optional[str] = None
+    """write the backbone in detectron2 ResNet naming as a .pkl (as MoCo's convert script), then exit"""
+
+    # --- data -------------------------------------------------------------------------------------
+    dataset: Literal["imagefolder", "synthetic"] = "imagefolder"
+    """imagefolder: --data holds train/ and val/ (or test/) class folders (ImageNet layout); synthetic: fake images"""
+    data: Optional[str] = None
+    """root folder for --dataset imagefolder"""
+    synthetic_images: int = 256
+    """number of training images for --dataset synthetic (a quarter as many val images)"""
+    image_size: int = 224
+    """train crop / val centre-crop size in pixels (val resizes the short side to size x 256/224 first)"""
+    workers: int = 8
+    """DataLoader worker processes per GPU process"""
+
+    # --- model ------------------------------------------------------------------------------------
+    arch: Optional[Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]] = None
+    """backbone; read from --checkpoint (an error if given and different); required with --random-init"""
+    small_stem: bool = False
+    """--random-init only: 3x3 stride-1 conv1, no max-pool (read from --checkpoint otherwise)"""
+
+    # --- optimisation (None = from --protocol) ----------------------------------------------------
+    protocol: Optional[Literal["moco", "adco", "caco", "semi"]] = None
+    """recipe for the fields below that are not given: moco (default), adco, caco; semi (default with --finetune)"""
+    epochs: Optional[int] = None
+    """training epochs E (moco/adco/caco: 100, semi: 20)"""
+    batch_size: Optional[int] = None
+    """GLOBAL batch B over all processes (moco/adco/semi: 256, caco: 4096)"""
+    lr: Optional[float] = None
+    """base learning rate per 256 images; the rate used is lr x B/256 (moco 30, adco 10, caco 0.025, semi 0.01)"""
+    schedule: Optional[Literal["step", "cosine"]] = None
+    """per-epoch lr schedule: step (moco, semi) or cosine (adco, caco)"""
+    lr_steps: Optional[tuple[int, ...]] = None
+    """step schedule: epochs at which lr is multiplied by --lr-gamma (moco: 60 80, semi: 12 16)"""
+    lr_gamma: Optional[float] = None
+    """step schedule factor γ (moco 0.1, semi 0.2)"""
+    final_lr: Optional[float] = None
+    """cosine schedule: lr at the end, absolute, not scaled (adco 0.01, caco 0)"""
+    lars_trust: Optional[float] = None
+    """LARS trust coefficient η_t (LARC scaling mode; caco 0.001); 0 = plain SGD"""
+    momentum: float = 0.9
+    """SGD momentum (all protocols)"""
+    weight_decay: Optional[float] = None
+    """SGD weight decay (linear protocols 0, semi 5e-4)"""
+    head_lr_mult: Optional[float] = None
+    """lr multiplier of fc relative to the backbone (--finetune; semi: 100)"""
+
+    # --- kNN --------------------------------------------------------------------------------------
+    knn_k: int = 200
+    """k: neighbours in the weighted vote"""
+    knn_t: float = 0.1
+    """T: temperature of the vote weights exp(sim / T)"""
+    knn_train_fraction: float = 1.0
+    """fraction of the train split used as kNN memory (every 1/f-th image; 0.2 keeps ImageNet's on one GPU)"""
+
+    # --- systems ----------------------------------------------------------------------------------
+    amp: bool = True
+    """mixed precision on GPU: bf16 autocast of the backbone (fp16 + GradScaler on GPUs without bf16); ignored on CPU"""
+    channels_last: bool = True
+    """channels_last memory format on GPU; ignored on CPU"""
+    log_every: int = 50
+    """log (console + metrics.jsonl) every this many steps, and at the end of every epoch"""
+    eval_every: int = 1
+    """evaluate on val every this many epochs (and always after the last)"""
+    stop_at_epoch: Optional[int] = None
+    """checkpoint and exit once this many epochs are done (split a long run into jobs; resume with --resume auto)"""
+
+
+# Each protocol's values for the Args fields left at None (spec moco_co2.md 3.5 and 5).
+RECIPES = {
+    # facebookresearch/moco main_lincls.py L38-53, L475-481
+    "moco": dict(epochs=100, batch_size=256, lr=30.0, schedule="step", lr_steps=(60, 80), lr_gamma=0.1,
+                 final_lr=0.0, lars_trust=0.0, weight_decay=0.0, head_lr_mult=1.0),
+    # AdCo lincls.py L44-62, L723-735: cosine from 10 down to final_lr 0.01
+    "adco": dict(epochs=100, batch_size=256, lr=10.0, schedule="cosine", lr_steps=(), lr_gamma=0.1,
+                 final_lr=0.01, lars_trust=0.0, weight_decay=0.0, head_lr_mult=1.0),
+    # CaCo README: --lr 0.025 --batch-size 4096; linear.py L184 (lr x bs/256), L237-242 (SGD_LARC 0.001), L500-504
+    "caco": dict(epochs=100, batch_size=4096, lr=0.025, schedule="cosine", lr_steps=(), lr_gamma=0.1,
+                 final_lr=0.0, lars_trust=0.001, weight_decay=0.0, head_lr_mult=1.0),
+    # OpenSelfSup / mmselfsup v0 semi_classification imagenet_1percent base.py + r50_lr0_01_head100.py
+    "semi": dict(epochs=20, batch_size=256, lr=0.01, schedule="step", lr_steps=(12, 16), lr_gamma=0.2,
+                 final_lr=0.0, lars_trust=0.0, weight_decay=5e-4, head_lr_mult=100.0),
+}
+
+# Arguments that must equal the checkpoint's when resuming (after the recipe is filled in).
+MUST_MATCH = ("checkpoint", "random_init", "finetune", "label_fraction", "subset_file", "dataset", "image_size",
+              "arch", "small_stem", "epochs", "batch_size", "lr", "schedule", "lr_steps", "lr_gamma", "final_lr",
+              "lars_trust", "momentum", "weight_decay", "head_lr_mult", "seed")
+
+
+def resolve_recipe(args: Args) -> Args:
+    """Fills every optimisation field left at None from --protocol (moco, or semi with --finetune)."""
+    protocol = args.protocol or ("semi" if args.finetune else "moco")
+    filled = {k: v for k, v in RECIPES[protocol].items() if getattr(args, k) is None}
+    return replace(args, protocol=protocol, **filled)
+
+
+# =====================================================================================================
+# METHOD: the evaluation math, as pure functions (imported by tests/)
+# =====================================================================================================
+def lr_at_epoch(epoch: int, args: Args, lr_peak: float) -> float:
+    """The learning rate of a whole epoch (all three protocols set it once per epoch, no warm-up).
+
+    step:   lr_e = lr_peak · γ^(number of milestones <= e)              (MoCo: 30 -> 3 at 60 -> 0.3 at 80)
+    cosine: lr_e = lr_end + (lr_peak - lr_end) · ½(1 + cos(π e / E))    (AdCo: lr_end 0.01; CaCo: 0)
+    """
+    if args.schedule == "step":
+        return lr_peak * args.lr_gamma ** sum(epoch >= m for m in args.lr_steps)
+    return args.final_lr + (lr_peak - args.final_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+
+
+@torch.no_grad()
+def larc_scale_(params, trust: float, weight_decay: float, eps: float = 1e-8) -> None:
+    """LARS as CaCo uses it (apex LARC, clip=False = "scaling" mode), applied to .grad before the SGD step:
+
+        g <- (g + wd·w) · trust · ‖w‖ / (‖g‖ + wd·‖w‖ + ε)    for every tensor with ‖w‖ > 0 and ‖g‖ > 0,
+        g unchanged (and no weight decay) otherwise.
+
+    The SGD optimizer it feeds must then have weight_decay=0 (the decay is inside the scaled gradient).
+    torch.where instead of an `if` on the norms: no device->host sync.
+    """
+    for p in params:
+        if p.grad is None:
+            continue
+        w_norm, g_norm = p.norm(), p.grad.norm()
+        local_lr = trust * w_norm / (g_norm + weight_decay * w_norm + eps)
+        scaled = (p.grad + weight_decay * p) * local_lr
+        p.grad.copy_(torch.where((w_norm > 0) & (g_norm > 0), scaled, p.grad))
+
+
+def class_balanced_subset(labels: list, fraction: float, seed: int) -> list:
+    """Indices of a seeded class-balanced subset: round(fraction x n_c) images of each class c (halves round up;
+    at least one), drawn without replacement, returned sorted. Identical on every rank (own generator, fixed seed)."""
+    by_class = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(index)
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        take = max(1, math.floor(fraction * len(members) + 0.5))
+        chosen += [members[i] for i in torch.randperm(len(members), generator=g)[:take].tolist()]
+    return sorted(chosen)
+
+
+def subset_from_file(path: str, dataset) -> list:
+    """Indices of the ImageFolder images whose file names are listed in `path` (one per line; SimCLR's
+    1percent.txt / 10percent.txt format). Every listed name must exist in the dataset."""
+    if not hasattr(dataset, "samples"):
+        raise UserError("--subset-file needs --dataset imagefolder (it lists image file names)")
+    if not os.path.isfile(path):
+        raise UserError(f"--subset-file {path}: no such file")
+    with open(path) as f:
+        wanted = {line.strip() for line in f if line.strip()}
+    indices = [i for i, (file, _) in enumerate(dataset.samples) if os.path.basename(file) in wanted]
+    if len(indices) != len(wanted):
+        found = {os.path.basename(dataset.samples[i][0]) for i in indices}
+        missing = sorted(wanted - found)
+        raise UserError(f"--subset-file {path}: {len(missing)} of {len(wanted)} listed images are not in the "
+                        f"train split (first: {missing[:3]})")
+    return indices
+
+
+def dataset_labels(dataset) -> list:
+    """Labels of every image: ImageFolder's .targets, otherwise read item by item (the synthetic set is tiny)."""
+    if hasattr(dataset, "targets"):
+        return list(dataset.targets)
+    return [dataset[i][1] for i in range(len(dataset))]
+
+
+class Classifier(nn.Module):
+    """logits = fc(backbone(x)), fc: Linear(feat_dim, classes) with W ~ N(0, 0.01²), b = 0 (MoCo L152-153).
+
+    frozen=True (linear probe): the backbone's parameters never require grad, its forward runs under no_grad,
+    and it stays in eval mode whatever model.train() is called with, so BN neither uses batch statistics nor
+    updates its running ones. fc always runs in fp32, outside autocast.
+    """
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, frozen: bool):
+        super().__init__()
+        self.backbone, self.frozen = backbone, frozen
+        self.fc = nn.Linear(feat_dim, num_classes)
+        nn.init.normal_(self.fc.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+        if frozen:
+            self.backbone.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # BN frozen for the whole run (MoCo calls model.eval() in train(), L319-326)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                features = self.backbone(x)  # [N, feat_dim], no graph kept
+        else:
+            features = self.backbone(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.fc(features.float())  # [N, classes], fp32
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer, scaler, autocast,
+               lars_trust: float, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step of cross-entropy on (images, labels). Returns (loss, number correct) as device tensors."""
+    with autocast():
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)  # mean over this rank; DDP averages gradients over ranks
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if lars_trust > 0:
+        scaler.unscale_(optimizer)  # LARS needs the true gradient norm
+        larc_scale_([p for g in optimizer.param_groups for p in g["params"]], lars_trust, weight_decay)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), (logits.detach().argmax(dim=1) == labels).sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, workers: int = 0,
+             autocast=None) -> tuple[float, float]:
+    """top-1 and top-5 accuracy (percent) over the WHOLE dataset, every image counted exactly once.
+
+    Rank r evaluates images r, r+R, r+2R, ... (no padding: shards may differ by one image); the counts
+    [correct@1, correct@5, images] are summed over ranks with one all_reduce (fp64: exact integers).
+    The model is put in eval mode and restored afterwards.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if autocast is not None:
+            with autocast():
+                logits = model(images)
+        else:
+            logits = model(images)
+        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices  # [N, 5], best class first
+        counts[0] += (top5[:, 0] == labels).sum()
+        counts[1] += (top5 == labels[:, None]).any(dim=1).sum()
+        counts[2] += labels.shape[0]
+    model.train(was_training)
+    if is_distributed():
+        dist.all_reduce(counts)
+    correct1, correct5, total = counts.tolist()
+    return 100.0 * correct1 / total, 100.0 * correct5 / total
+
+
+# =====================================================================================================
+# METHOD: reading pre-trained backbones, the sanity check, export
+# =====================================================================================================
+def _describe(obj) -> str:
+    if isinstance(obj, dict):
+        if "method" in obj:
+            return f"a checkpoint of method {obj['method']!r}"
+        return f"a dict with keys {sorted(map(str, obj))[:6]}"
+    return f"a {type(obj).__name__}"
+
+
+def _arch_from_state(state: dict) -> str:
+    """torchvision ResNet depth from the state dict: blocks per stage and basic (conv2 last) vs bottleneck (conv3)."""
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+    bottleneck = "layer1.0.conv3.weight" in state
+    table = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34",
+             ((3, 4, 6, 3), True): "resnet50", ((3, 4, 23, 3), True): "resnet101", ((3, 8, 36, 3), True): "resnet152"}
+    if (blocks, bottleneck) not in table:
+        kind = "bottleneck" if bottleneck else "basic"
+        raise UserError(f"a ResNet state dict with {blocks} {kind} blocks per stage is none of {', '.join(ARCHS)}")
+    return table[(blocks, bottleneck)]
+
+
+def read_backbone(path: str) -> tuple[dict, str, bool, str]:
+    """Reads the backbone of a pre-trained model -> (state dict in torchvision names without fc, arch, small_stem,
+    a description of the source). Accepts:
+      * moco_co2.py / adco.py / caco.py checkpoints: {"method", "args": {"arch", "small_stem", ...},
+        "encoder_q": {"backbone.<torchvision name>", "head.*"}}: the QUERY encoder's backbone (MoCo L156-177);
+      * a torchvision ResNet state dict ("conv1.weight", "layer1.0...", optional "fc.*", ignored);
+      * an official MoCo/AdCo/CaCo file {"state_dict": {"module.encoder_q.<torchvision name>"}} (fc = head, dropped).
+    Anything else is refused with a UserError naming what the file holds.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"--checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""  # torch's messages span many lines
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
+    refuse = (f"{path} is not a pre-training checkpoint of {', '.join(m + '.py' for m in PRETRAIN_METHODS)} "
+              f"nor a torchvision ResNet state dict (it holds {_describe(ckpt)})")
+    if not isinstance(ckpt, dict):
+        raise UserError(refuse)
+    if "method" in ckpt:  # one of our scripts' checkpoints
+        if ckpt["method"] not in PRETRAIN_METHODS or not isinstance(ckpt.get("encoder_q"), dict):
+            raise UserError(refuse)
+        state = {k[len("backbone."):]: v for k, v in ckpt["encoder_q"].items() if k.startswith("backbone.")}
+        if not state:
+            raise UserError(f"{path}: the encoder_q of this {ckpt['method']} checkpoint has no backbone.* tensors")
+        small_stem = bool(ckpt["args"].get("small_stem", False))
+        return state, ckpt["args"]["arch"], small_stem, f"{ckpt['method']}.py checkpoint"
+    source = "torchvision state dict"
+    if isinstance(ckpt.get("state_dict"), dict):  # official MoCo-style file: strip module. and encoder_q.
+        inner = {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt["state_dict"].items()}
+        ckpt = {k[len("encoder_q."):]: v for k, v in inner.items() if k.startswith("encoder_q.")}
+        source = "official encoder_q checkpoint"
+    is_resnet = "conv1.weight" in ckpt and "layer1.0.conv1.weight" in ckpt
+    if not (is_resnet and all(torch.is_tensor(v) for v in ckpt.values())):
+        raise UserError(refuse)
+    state = {k: v for k, v in ckpt.items() if not k.startswith("fc.")}  # the classifier / projection head
+    return state, _arch_from_state(state), state["conv1.weight"].shape[-1] == 3, source
+
+
+def load_into_backbone(backbone: nn.Module, state: dict, path: str) -> None:
+    """strict load: every backbone tensor must be in `state` and nothing else (= MoCo's "only fc missing" assert)."""
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"{path} does not fit the backbone: {' '.join(first[:3])[:400]}") from None
+
+
+def sanity_check(backbone: nn.Module, reference: dict, where: str) -> None:
+    """Every tensor of the backbone's state (weights, BN running mean/var, num_batches_tracked) must equal the
+    reference bitwise (MoCo main_lincls.py L410-431). A difference means the 'frozen' backbone moved."""
+    state = backbone.state_dict()
+    if set(state) != set(reference):
+        raise UserError(f"sanity check failed: the backbone's tensors {sorted(set(state) ^ set(reference))[:4]} "
+                        f"do not match {where}")
+    for name, tensor in state.items():
+        if not torch.equal(tensor.detach().cpu(), reference[name].cpu()):
+            raise UserError(f"sanity check failed: backbone tensor {name} differs from {where}: the frozen "
+                            f"backbone moved (or the file changed); the linear-probe number would be invalid")
+
+
+# torchvision -> detectron2 ResNet names (detectron2 modeling/backbone/resnet.py; the mapping MoCo's
+# detection/convert-pretrain-to-detectron2.py applies). BN "bn<i>" becomes the "norm" of conv<i>; the
+# projection shortcut "downsample.0/1" is "shortcut" and its norm; stages layer1..4 are res2..res5.
+D2_RULES = [
+    (re.compile(r"^conv1\.(\w+)$"), r"stem.conv1.\1"),
+    (re.compile(r"^bn1\.(\w+)$"), r"stem.conv1.norm.\1"),
+    (re.compile(r"^layer(\d)\.(\d+)\.conv(\d)\.(\w+)$"), lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.{m[4]}"),
+    (re.compile(r"^layer(\d)\.(\d+)\.bn(\d)\.(\w+)$"), lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm.{m[4]}"),
+    (re.compile(r"^layer(\d)\.(\d+)\.downsample\.0\.(\w+)$"), lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.{m[3]}"),
+    (re.compile(r"^layer(\d)\.(\d+)\.downsample\.1\.(\w+)$"),
+     lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.norm.{m[3]}"),
+]
+
+
+def torchvision_to_detectron2(state: dict) -> dict:
+    """{torchvision name: tensor} -> {detectron2 name: numpy array}. num_batches_tracked is dropped (detectron2's
+    FrozenBatchNorm2d has weight, bias, running_mean, running_var only)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        for pattern, target in D2_RULES:
+            if pattern.match(name):
+                out[pattern.sub(target, name)] = tensor.detach().cpu().numpy()
+                break
+        else:
+            raise UserError(f"no detectron2 name for backbone tensor {name}")
+    return out
+
+
+def export(args: Args) -> None:
+    """--export-torchvision / --export-detectron2: convert --checkpoint's backbone and exit (no training)."""
+    console = make_console(0)
+    if args.checkpoint is None:
+        raise UserError("--export-torchvision / --export-detectron2 need --checkpoint")
+    if args.knn or args.finetune or args.random_init:
+        raise UserError("--export-* only converts --checkpoint; run --knn / --finetune / --random-init separately")
+    if args.export_detectron2 and not args.export_detectron2.endswith(".pkl"):
+        raise UserError(f"--export-detectron2 {args.export_detectron2}: detectron2 reads this format only from a "
+                        f".pkl file name")
+    state, arch, small_stem, source = read_backbone(args.checkpoint)
+    if args.arch is not None and args.arch != arch:
+        raise UserError(f"--arch {args.arch} but {args.checkpoint} holds a {arch}")
+    backbone, _ = build_resnet(arch, small_stem)
+    load_into_backbone(backbone, state, args.checkpoint)  # proves the tensors form a complete backbone
+    state = {k: v.detach().clone().contiguous() for k, v in backbone.state_dict().items()}
+    for path in (args.export_torchvision, args.export_detectron2):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    if args.export_torchvision:
+        save_checkpoint(args.export_torchvision, state)  # atomic; a plain state dict (weights_only loads it)
+        console.print(f"wrote {args.export_torchvision}: {arch} backbone from the {source}; load with "
+                      f"torchvision.models.{arch}().load_state_dict(sd, strict=False) (missing: fc.weight, fc.bias)",
+                      markup=False)
+    if args.export_detectron2:
+        tmp = args.export_detectron2 + ".tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump({"model": torchvision_to_detectron2(state), "__author__": f"linear_eval.py ({source})",
+                         "matching_heuristics": True}, f)
+        os.replace(tmp, args.export_detectron2)
+        console.print(f"wrote {args.export_detectron2}: detectron2 names (stem, res2-res5), numpy arrays; use with "
+                      f"MODEL.WEIGHTS, INPUT.FORMAT RGB and torchvision's pixel mean/std", markup=False)
+    if small_stem:
+        console.print("note: this backbone has the small 3x3 stem (conv1 64x3x3x3, no max-pool); a stock "
+                      "torchvision / detectron2 ResNet has a 7x7 stem and will not accept conv1", markup=False)
+
+
+# =====================================================================================================
+# PLUMBING: fenced blocks are byte-identical in every script that carries them (tests/test_shared_blocks.py).
+# Fix them in one file, copy to the others.
+# =====================================================================================================
+# >>> shared: distributed
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Returns (global rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain
+    `python script.py` is one process with no process group. NCCL on GPUs, gloo on CPU.
+
+    The rank used everywhere is the GLOBAL rank (official AdCo uses the local GPU index, which is wrong on
+    every node but the first). The local rank only picks the GPU.
+    """
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """[N, ...] on every rank -> [R*N, ...] on every rank, in rank order (rank 0's rows first).
+    Identity with one process. Warning: all_gather has no gradient; use only on keys / no-grad tensors."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks (one all_reduce); identity with one process. Returns x."""
+    if is_distributed():
+        dist.all_reduce(x)
+        x.div_(dist.get_world_size())
+    return x
+# <<< shared: distributed
+
+
+# >>> shared: amp
+def setup_amp(device: torch.device, enabled: bool):
+    """Returns (autocast context factory, GradScaler, dtype or None).
+
+    bf16 autocast on GPUs that support it (no loss scaling needed); fp16 + GradScaler on older GPUs;
+    plain fp32 on CPU or with --no-amp. Autocast covers the encoders only: every script casts embeddings to
+    fp32 before normalising, and computes logits, softmax, KL and bank/queue arithmetic in fp32.
+    """
+    dtype = None
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    return autocast, scaler, dtype
+# <<< shared: amp
+
+
+# >>> shared: checkpoint
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states as plain types (loadable with weights_only=True)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_rng_states(device: torch.device) -> list:
+    """Every rank's RNG state, in rank order (a collective: all ranks must call it)."""
+    mine = rng_state(device)
+    if not is_distributed():
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in mine.items()})
+    return states
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic write: a crash while saving leaves the previous file intact (temp file + rename)."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
+    """--resume None: start fresh, but never over an existing run; 'auto': <out-dir>/last.pt if present;
+    otherwise a path that must exist. Returns the checkpoint to load, or None."""
+    last = os.path.join(out_dir, "last.pt")
+    if resume is None:
+        if os.path.exists(last):
+            raise UserError(f"{last} already exists: pass --resume auto to continue that run, "
+                            f"or choose another --out-dir (nothing was overwritten)")
+        found = None
+    elif resume == "auto":
+        found = last if os.path.exists(last) else None
+    elif not os.path.isfile(resume):
+        raise UserError(f"--resume {resume}: no such file")
+    else:
+        found = resume
+    if is_distributed():  # all ranks must resume from the same file (rank 0 writes; other nodes must see it)
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, found)
+        if len(set(seen)) > 1:
+            raise UserError(f"ranks disagree about the checkpoint to resume ({seen}): --out-dir must be on a "
+                            f"filesystem shared by all nodes")
+    return found
+
+
+def load_checkpoint(path: str, args, must_match: tuple) -> dict:
+    """Loads a checkpoint of THIS method and checks that the arguments in `must_match` are unchanged."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if not isinstance(ckpt, dict) or found != METHOD:
+        what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
+        raise UserError(f"{path} is not a {METHOD}.py checkpoint (it holds {what})")
+    old = ckpt["args"]
+    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
+               for k in must_match if old.get(k) != getattr(args, k)]
+    if changed:
+        raise UserError(f"{path} was trained with other arguments; resuming would mix two recipes: "
+                        + ", ".join(changed))
+    return ckpt
+# <<< shared: checkpoint
+
+
+# >>> shared: console
+def make_console(rank: int) -> Console:
+    """Rich console on rank 0 only (others are quiet). soft_wrap keeps log lines whole in files."""
+    return Console(quiet=rank != 0, soft_wrap=True, log_path=False)
+
+
+def print_args(console: Console, args, derived: dict) -> None:
+    """The run's arguments (and derived values) as a table. Text() cells: paths are never parsed as markup."""
+    table = Table(title=f"{METHOD}.py", show_header=True, header_style="bold")
+    table.add_column("argument")
+    table.add_column("value")
+    for key, value in list(asdict(args).items()) + list(derived.items()):
+        table.add_row(Text(key), Text(str(value)))
+    console.print(table)
+
+
+def make_progress(console: Console) -> Progress:
+    """A progress bar in an interactive terminal; disabled (plain log lines only) when output is a file."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, disable=not console.is_terminal, transient=True)
+
+
+class MetricsLog:
+    """<out-dir>/metrics.jsonl, one JSON object per line, written by rank 0.
+
+    On resume, records with a step after the checkpoint's (logged by the interrupted run after its last
+    checkpoint) are dropped, so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: str, rank: int, resume_step: Optional[int]):
+        self.path, self.active = path, rank == 0
+        if not self.active:
+            return
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, record: dict) -> None:
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+# <<< shared: console
+
+
+# >>> shared: entry
+def cli(main, args_type) -> None:
+    """Parse the Args dataclass (tyro: --help comes from the field docstrings), run main, and turn a
+    UserError into one line on stderr and exit code 2 (no traceback). Always tears down the process group."""
+    args = tyro.cli(args_type, console_outputs=int(os.environ.get("RANK", "0")) == 0)
+    try:
+        main(args)
+    except UserError as e:
+        # a UserError raised inside a DataLoader worker arrives wrapped with the worker's traceback text
+        message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
+        Console(stderr=True, soft_wrap=True).print(f"{prefix}error: {message}", markup=False, highlight=False)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+# <<< shared: entry
+
+
+# =====================================================================================================
+# main
+# =====================================================================================================
+def main(args: Args) -> dict:
+    """Runs the requested evaluation. Returns {"top1", "top5"} and, after training, the "model" (for tests)."""
+    if args.export_torchvision or args.export_detectron2:
+        export(args)
+        return {}
+    # ---- 1. setup: processes, recipe, sizes, seeds -----------------------------------------------------
+    args = resolve_recipe(args)
+    rank, world, device = setup_distributed()
+    console = make_console(rank)
+    if args.knn and args.finetune:
+        raise UserError("--knn and --finetune are separate evaluations; run them one at a time")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the "
+                        f"{world} processes")
+    if not 0 < args.label_fraction <= 1:
+        raise UserError(f"--label-fraction {args.label_fraction} must be in (0, 1] (0.01 or 0.1 in the papers)")
+    batch_per_rank = args.batch_size // world
+    lr_peak = args.lr * args.batch_size / 256  # linear scaling rule: --lr is per 256 images
+    torch.manual_seed(args.seed)  # identical fc init on every rank
+    random.seed(args.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # ---- 2. backbone: pre-trained (query encoder of --checkpoint) or random ------------------------------
+    if args.random_init:
+        if args.checkpoint is not None:
+            raise UserError("--random-init ignores weights: drop --checkpoint (or drop --random-init)")
+        if args.arch is None:
+            raise UserError("--random-init needs --arch (e.g. --arch resnet50)")
+        backbone, feat_dim = build_resnet(args.arch, args.small_stem)
+        source = f"random init ({args.arch})"
+        # the sanity check's reference: the initial weights themselves (a copy, not views of the live tensors)
+        reference = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    else:
+        if args.checkpoint is None:
+            raise UserError("--checkpoint PRE/last.pt is required (or --random-init --arch ... for the baseline)")
+        reference, arch, small_stem, source = read_backbone(args.checkpoint)
+        if args.arch is not None and args.arch != arch:
+            raise UserError(f"--arch {args.arch} but {args.checkpoint} holds a {arch}")
+        if args.small_stem and not small_stem:
+            raise UserError(f"--small-stem but {args.checkpoint} has the standard 7x7 stem")
+        args = replace(args, arch=arch, small_stem=small_stem)
+        backbone, feat_dim = build_resnet(arch, small_stem)
+        load_into_backbone(backbone, reference, args.checkpoint)
+    backbone.to(device)
+    if device.type == "cuda" and args.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    autocast, scaler, amp_dtype = setup_amp(device, args.amp)
+
+    # ---- 3. kNN evaluation (no training): k=200, T=0.1 on the train split as memory, val reported --------
+    if args.knn:
+        memory = make_dataset(args.dataset, args.data, "train", eval_transform(args.image_size),
+                              args.synthetic_images, args.image_size, args.seed)
+        stride = max(1, round(1 / args.knn_train_fraction))
+        memory = Subset(memory, range(0, len(memory), stride))  # every stride-th image (all classes kept)
+        val_set = make_dataset(args.dataset, args.data, "val", eval_transform(args.image_size),
+                               args.synthetic_images, args.image_size, args.seed)
+        print_args(console, args, {"mode": "kNN", "backbone": source, "memory images": len(memory),
+                                   "val images": len(val_set), "world size": world, "device": device})
+        top1, top5 = knn_accuracy(backbone, memory, val_set, batch_per_rank, device, args.knn_k, args.knn_t,
+                                  args.workers, autocast)
+        record = {"mode": "knn", "knn_top1": top1, "knn_top5": top5, "top1": top1, "top5": top5,
+                  "k": args.knn_k, "t": args.knn_t, "memory_images": len(memory), "backbone": source}
+        if rank == 0:
+            os.makedirs(args.out_dir, exist_ok=True)
+            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:  # appended: keeps earlier results
+                f.write(json.dumps(record) + "\n")
+        console.print(f"kNN (k={args.knn_k}, T={args.knn_t}, {source}): top-1 {top1:.2f}  top-5 {top5:.2f}",
+                      markup=False)
+        return {"top1": top1, "top5": top5}
+
+    # ---- 4. run folder, resume ---------------------------------------------------------------------------
+    resume_path = resolve_resume(args.resume, args.out_dir)
+    ckpt = load_checkpoint(resume_path, args, MUST_MATCH) if resume_path else None
+    if ckpt is not None and ckpt["next_epoch"] >= args.epochs:
+        console.print(f"{resume_path} already finished its {ckpt['next_epoch']} epochs; nothing to do", markup=False)
+        return {}
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    # ---- 5. data: train RandomResizedCrop (default scale 0.08-1) + flip; val Resize(size·256/224) + CenterCrop
+    train_transform = T.Compose([
+        T.RandomResizedCrop(args.image_size),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    train_set = make_dataset(args.dataset, args.data, "train", train_transform, args.synthetic_images,
+                             args.image_size, args.seed)
+    val_set = make_dataset(args.dataset, args.data, "val", eval_transform(args.image_size), args.synthetic_images,
+                           args.image_size, args.seed)
+    num_classes = len(train_set.classes)
+    if len(val_set.classes) != num_classes:
+        raise UserError(f"the train split has {num_classes} classes but the val split {len(val_set.classes)}")
+    labelled = len(train_set)
+    if args.finetune:  # the labelled subset: the listed files, or a seeded class-balanced draw
+        if args.subset_file:
+            indices = subset_from_file(args.subset_file, train_set)
+        else:
+            indices = class_balanced_subset(dataset_labels(train_set), args.label_fraction, args.seed)
+        train_set, labelled = Subset(train_set, indices), len(indices)
+    loader = make_loader(train_set, batch_per_rank, rank, world, args.workers, args.seed)
+    steps_per_epoch = len(loader.sampler) // batch_per_rank
+
+    # ---- 6. model, optimizer -----------------------------------------------------------------------------
+    model = Classifier(backbone, feat_dim, num_classes, frozen=not args.finetune).to(device)
+    if args.finetune and device.type == "cuda" and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the benchmark fine-tunes with SyncBN
+    if args.finetune:  # backbone at lr, the new head at lr x head_lr_mult (benchmark: x100)
+        groups = [{"params": list(model.backbone.parameters()), "lr_mult": 1.0},
+                  {"params": list(model.fc.parameters()), "lr_mult": args.head_lr_mult}]
+    else:  # exactly fc.weight and fc.bias (MoCo asserts the same, L212-216)
+        groups = [{"params": list(model.fc.parameters()), "lr_mult": 1.0}]
+    # with LARS the weight decay is applied inside larc_scale_ (LARC zeroes the optimizer's own decay)
+    optimizer = torch.optim.SGD(groups, lr=lr_peak, momentum=args.momentum,
+                                weight_decay=0.0 if args.lars_trust > 0 else args.weight_decay)
+    torch.manual_seed(args.seed + rank)  # from here on: per-rank randomness (augmentations)
+
+    # ---- 7. restore ----------------------------------------------------------------------------------------
+    start_epoch, step, best_top1 = 0, 0, 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, best_top1 = ckpt["next_epoch"], ckpt["step"], ckpt["best_top1"]
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], device)
+        else:
+            console.print(f"resuming on {world} processes from a run on {len(ckpt['rng'])}: RNG streams restart")
+    # DDP: the frozen backbone's buffers never change, so they are not re-broadcast every forward
+    ddp_model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
+                    broadcast_buffers=args.finetune) if world > 1 else model
+    metrics = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), rank, step if ckpt else None)
+    if rank == 0:
+        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    print_args(console, args, {
+        "mode": "fine-tune (whole network)" if args.finetune else "linear probe (frozen backbone)",
+        "backbone": source, "classes": num_classes, "labelled train images": labelled, "world size": world,
+        "device": device, "per-process batch": batch_per_rank, "lr used (lr x B/256)": lr_peak,
+        "amp dtype": amp_dtype or "fp32", "steps per epoch": steps_per_epoch,
+        "resumed from": f"{resume_path} (epoch {start_epoch})" if ckpt else "-",
+    })
+
+    def checkpoint_state(next_epoch: int) -> dict:
+        return {"method": METHOD, "args": asdict(args), "next_epoch": next_epoch, "next_batch": 0, "step": step,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "best_top1": best_top1, "rng": all_rng_states(device)}
+
+    # ---- 8. train loop ------------------------------------------------------------------------------------
+    ddp_model.train()  # a frozen backbone stays in eval mode (Classifier.train)
+    sums = torch.zeros(4, device=device)  # running on-device sums: loss, correct, images, steps (no host sync)
+    window_start = time.perf_counter()
+    top1 = top5 = float("nan")
+    with make_progress(console) as progress:
+        task = progress.add_task("train", total=(args.epochs - start_epoch) * steps_per_epoch)
+        for epoch in range(start_epoch, args.epochs):
+            loader.sampler.set_epoch(epoch)
+            lr = lr_at_epoch(epoch, args, lr_peak)  # once per epoch, no warm-up (all three protocols)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_mult"]
+            for batch_idx, (images, labels) in enumerate(loader):
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if device.type == "cuda" and args.channels_last:
+                    images = images.to(memory_format=torch.channels_last)
+                loss, correct = train_step(ddp_model, images, labels, optimizer, scaler, autocast, args.lars_trust,
+                                           args.weight_decay)
+                step += 1
+                progress.advance(task)
+                sums += torch.stack([loss, correct.float(), torch.tensor(float(labels.shape[0]), device=device),
+                                     torch.ones((), device=device)])
+
+                # ---- logging and non-finite guard (the only host syncs) ---------------------------------
+                done = batch_idx + 1
+                end_of_epoch = done == steps_per_epoch
+                if done % args.log_every == 0 or end_of_epoch:
+                    totals = all_reduce_mean(sums.clone()).tolist()
+                    elapsed = time.perf_counter() - window_start
+                    record = {"epoch": epoch, "step": step, "lr": lr, "loss": totals[0] / totals[3],
+                              "train_top1": 100 * totals[1] / totals[2],
+                              "img_per_s": totals[2] * world / elapsed}
+                    if not all(math.isfinite(v) for v in totals):
+                        raise UserError(f"non-finite loss at epoch {epoch}, step {step} ({record}); lower --lr; "
+                                        f"{os.path.join(args.out_dir, 'last.pt')} is the last good checkpoint")
+                    if not end_of_epoch:  # the end-of-epoch record also carries the val accuracy
+                        metrics.write(record)
+                    console.print(f"epoch {epoch} [{done}/{steps_per_epoch}] step {step}  loss {record['loss']:.4f}  "
+                                  f"train top-1 {record['train_top1']:.1f}  lr {lr:.5g}  "
+                                  f"{record['img_per_s']:.0f} img/s",
+                                  markup=False, highlight=False)
+                    sums.zero_()
+                    window_start = time.perf_counter()
+
+            # ---- 9. end of epoch: sanity check, val accuracy, checkpoint ---------------------------------------
+            last = epoch == args.epochs - 1
+            if not args.finetune and (epoch == start_epoch or last):
+                # re-read from disk: the reference must not share memory with the running model
+                where = args.checkpoint if not args.random_init else "the initial random weights"
+                sanity_check(model.backbone, read_backbone(args.checkpoint)[0] if not args.random_init else reference,
+                             where)
+                console.print(f"sanity check passed: the backbone equals {where} bitwise", markup=False)
+            if last or (epoch + 1) % args.eval_every == 0:
+                top1, top5 = evaluate(model, val_set, batch_per_rank, device, args.workers, autocast)
+                best_top1 = max(best_top1, top1)
+                record.update(top1=top1, top5=top5)
+                console.print(f"epoch {epoch}  val top-1 {top1:.2f}  top-5 {top5:.2f}  (best top-1 {best_top1:.2f})",
+                              markup=False)
+            metrics.write(record)
+            state = checkpoint_state(epoch + 1)
+            if rank == 0:
+                save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
+            if args.stop_at_epoch is not None and epoch + 1 >= args.stop_at_epoch and not last:
+                console.print(f"stopped after epoch {epoch} (--stop-at-epoch); continue with --resume auto")
+                return {"top1": top1, "top5": top5, "best_top1": best_top1, "model": model}
+
+    # ---- 10. teardown (the process group is destroyed by cli()) -------------------------------------------
+    table = Table(title="linear_eval result", show_header=True, header_style="bold")
+    for column in ("mode", "backbone", "epochs", "val top-1", "val top-5", "best top-1"):
+        table.add_column(column)
+    table.add_row(Text("fine-tune" if args.finetune else f"linear ({args.protocol})"), Text(source),
+                  Text(str(args.epochs)), Text(f"{top1:.2f}"), Text(f"{top5:.2f}"), Text(f"{best_top1:.2f}"))
+    console.print(table)
+    return {"top1": top1, "top5": top5, "best_top1": best_top1, "model": model}
+
+
+if __name__ == "__main__":
+    cli(main, Args)
