@@ -687,7 +687,8 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
     found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
     if not isinstance(ckpt, dict) or found != METHOD:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"

@@ -1,0 +1,931 @@
+"""AdCo: adversarial contrast, a bank of negatives trained to be hard, in one file.
+
+Paper
+    AdCo  "AdCo: Adversarial Contrast for Efficient Learning of Unsupervised Representations from
+          Self-Trained Negative Adversaries", Hu, Wang, Lin, Qi, CVPR 2021, arXiv 2011.08435
+Official code whose defaults this file follows: maple-research-lab/AdCo @ fd65f12 (training code of 3a8eaa7:
+training/train.py, training/main_worker.py, model/AdCo.py, ops/argparser.py) with the README commands.
+Spec with line references: shared/spec/adco_caco.md, sections 1, 3.1, 4, 6.1, 7, 8.1, 9.
+
+Run it (ImageNet, 200 epochs, ResNet-50, 8 GPUs = the official 8 x 32; linear top-1 from the official README)
+    single crop, K = 65536 (68.6 %):
+        torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet --out-dir runs/adco
+    symmetric loss (70.6 %):
+        torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet --sym --out-dir runs/adco_sym
+    multi-crop, 1 key crop + 5 query crops (73.2 %):
+        torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet --multi-crop --out-dir runs/adco_mc
+    small banks: --bank-size 16384 (68.6 %, with --sym 70.2 %); the README's 8192 recipe (70.2 % with --sym):
+        torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet --sym --bank-size 8192 --lr 0.04 \
+            --moco-t 0.14 --mem-t 0.03 --out-dir runs/adco_sym8192
+    800 epochs: add --epochs 800 (README: 72.8 % single crop, 75.7 % multi-crop; no command published).
+    2 nodes x 8 GPUs (global batch stays --batch-size; scale --lr with it if you change it):
+        torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+            adco.py --data /path/to/imagenet        (and --node_rank=1 on the second node)
+    one GPU:   python adco.py --data /path/to/imagenet --batch-size 64   (lr 0.03 x 64/256; K % 64 == 0)
+    CPU smoke run (seconds):
+        python adco.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
+            --batch-size 16 --bank-size 64 --workers 0 --epochs 2 --out-dir runs/smoke
+    Continue an interrupted run: add --resume auto (and --stop-at-step N to end a job cleanly).
+
+What this file implements (q: query embedding, with gradient; k: key embedding of the momentum encoder, no
+gradient; k_all: the keys of the WHOLE global batch, gathered in rank order; all unit vectors.
+W: the bank [C, K], stored un-normalised; n_k = W_k / ||W_k|| its k-th column, normalised on the fly)
+    encoders   f_q = ResNet + MLP head (2048-2048-128, ReLU, biases, no BN); f_k = EMA copy,
+               θ_k <- m θ_k + (1-m) θ_q once per step (m = 0.999), ShuffleBN on f_k (MoCo section 3.3)
+    logits     z_i = [q_i . k_allᵀ | q_i . n] / τ  (N x (B+K)): the own key is the positive, the other B-1
+               keys of the global batch are extra negatives (as upstream and its author intend, AdCo #6),
+               the K bank columns are the adversarial negatives. Label of query i on rank r: r*N + i.
+    loss       L_τ = mean_i CE(z_i, r*N + i), τ = moco_t = 0.12 (AdCo Eq. 3 with in-batch keys);
+               SGD on f_q, lr 0.03 per 256 images, per-epoch cosine to 6e-4 per 256, momentum 0.9, wd 1e-4
+    bank step  after the network step, from the SAME (pre-step) q and k_all: the bank ASCENDS the same
+               InfoNCE loss at the sharper temperature τ_m = mem_t = 0.02 (AdCo Eq. 5):
+                   G = -∂L_τm/∂W  (bank_grad: closed form, derivation and the tangent term explained there)
+                   G <- mean of G over ranks                  (one all-reduce; = gradient of the global mean)
+                   v <- μ v + G + λ W,   W <- W - η v          (μ = 0.9, λ = 1e-4, η = 3, constant)
+               i.e. torch.optim.SGD(momentum=μ, weight_decay=λ) on W with grad = -∂L/∂W.
+    bank init  before epoch 0 (fresh runs only): K/B MoCo-style steps ([q.k | q.n] / τ, label 0) that train
+               the network AND write each global batch of keys into the next B columns of W; then θ_k <- θ_q.
+    --sym      L = ½ CE(q1 vs k2_all) + ½ CE(q2 vs k1_all), bank gradient with the same ½ weights
+    --multi-crop  key = one 224 crop; queries = 5 crops of 224/192/160/128/96 px (RRC scales x size/224);
+               L = SUM over the 5 query crops (not a mean, as upstream, with the same lr), bank gradient
+               summed the same way.
+    augment    MoCo v2: RRC(scale 0.2-1), ColorJitter(0.4,0.4,0.4,0.1) p 0.8, grey p 0.2, blur p 0.5, flip
+
+Following the bank W from start to finish (all in this file)
+    created    main() section 4: randn(C, K) from --seed (identical on every rank), velocity v = 0
+    filled     main() section 5, bank initialisation: fill_bank() writes unit keys column block by block
+    used       adco_loss_and_bank_grad(): n = normalize(W) gives the K negative logits of the network loss
+    updated    bank_grad() (the closed-form -∂L/∂W), all_reduce_mean(), bank_momentum_step() (v, W)
+    saved      checkpoint_state(): "bank" and "bank_velocity" in every checkpoint; restored in section 5
+
+Deviations from the official code (also listed in README.md)
+    1. --batch-size is the GLOBAL batch, divided by the world size (official: per node). Default 256 = 8 x 32.
+    2. Labels are global_rank*N + i. Upstream uses the LOCAL GPU index (train.py L42-44, 94-96, 165-167): on
+       every node but the first, each query's "positive" is another node's key. Single-node runs agree.
+    3. torchrun (or plain python) instead of mp.spawn + --dist-url; one process and CPU are supported.
+       With one process ShuffleBN has nothing to shuffle and is skipped (a message says so).
+    4. The bank is created from --seed, so it is identical on every rank even with --no-bank-init
+       (upstream: unseeded randn per rank, never synchronised). It lives outside DDP and changes only by
+       all-reduced gradients and gathered keys.
+    5. The bank momentum is its own flag, --mem-momentum (upstream reuses the network's --momentum; both 0.9).
+    6. Multi-crop bank initialisation pairs the 224 query crop with the 224 key crop, as training does.
+       Upstream's init passes the 96 px crop as the key (train.py L266-268), so its bank starts with
+       embeddings of 96 px crops.
+    7. Bank initialisation needs --bank-size to be a multiple of --batch-size (a clear error otherwise) and
+       cycles the loader if K/B steps exceed one epoch. It runs only on a fresh run: the checkpoint holds the
+       initialised bank, so --resume never re-initialises.
+    8. AMP: the encoders run under bf16 autocast on GPUs that support it (fp16 + GradScaler otherwise);
+       normalisation, logits, softmax and all bank arithmetic are fp32. Upstream is fp32. --no-amp = fp32.
+    9. Checkpoints hold everything for an exact resume (key encoder, bank, bank velocity, optimizer, RNG,
+       position inside the epoch), written by global rank 0 only. Upstream writes on local rank 0 of every
+       node, loses RNG and sampler state, and its "best" file is simply the latest (inverted is_best).
+   10. The metric pos_prob is the τ_m-softmax probability of each query's OWN key, correct on every rank.
+       Upstream's mem_losses sums the first N columns, i.e. GPU 0's keys, on every rank. Metrics are averaged
+       over all loss terms (upstream: the first crop in multi-crop).
+   11. bank_grad divides by max(||W_k||, 1e-12) (as F.normalize does); upstream divides by the raw norm.
+   12. --sym with --multi-crop is refused, as upstream's README says it is not supported.
+   13. Multi-crop sizes scale with --image-size (x 224/192/160/128/96 / 224), so 32 px smoke runs work.
+   14. Optional kNN monitor (--knn-every; upstream has none), off by default.
+
+Sections: Args -> method math (pure functions) -> model and augmentations -> plumbing (fenced, identical in
+every script) -> main(): 1 setup, 2 run folder and resume, 3 data, 4 model, bank and optimizer, 5 restore or
+bank initialisation, 6 train loop (network step, then bank step), 7 end of epoch, 8 teardown.
+"""
+
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+import tyro
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, MultiCrop, TwoCrops, UserError, build_resnet,
+                    eval_transform, knn_accuracy, make_dataset, make_loader)
+
+METHOD = "adco"  # written into every checkpoint; --resume refuses checkpoints of other methods
+
+
+@dataclass
+class Args:
+    """AdCo pre-training. Defaults = the official single-crop ImageNet recipe (8 GPUs x 32 images, 68.6 %)."""
+
+    # --- experiment -------------------------------------------------------------------------------
+    out_dir: str = "runs/adco"
+    """folder for last.pt, metrics.jsonl and args.json; refused if it already holds a run and --resume is not given"""
+    resume: Optional[str] = None
+    """'auto': continue from <out-dir>/last.pt when it exists (else start fresh); or the path of a checkpoint"""
+    seed: int = 0
+    """seed for weights, bank and data order (augmentations use seed + rank)"""
+
+    # --- data -------------------------------------------------------------------------------------
+    dataset: Literal["imagefolder", "synthetic"] = "imagefolder"
+    """imagefolder: --data holds train/ and val/ (or test/) class folders (ImageNet layout); synthetic: fake images"""
+    data: Optional[str] = None
+    """root folder for --dataset imagefolder"""
+    synthetic_images: int = 256
+    """number of training images for --dataset synthetic (a quarter as many val images)"""
+    image_size: int = 224
+    """crop size in pixels (the key crop; multi-crop query crops are image_size x 224/192/160/128/96 / 224)"""
+    workers: int = 8
+    """DataLoader worker processes per GPU process"""
+
+    # --- model ------------------------------------------------------------------------------------
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
+    """backbone (torchvision, random init)"""
+    small_stem: bool = False
+    """3x3 stride-1 conv1 and no max-pool: the usual stem for 32 px images (CIFAR)"""
+    mlp_dim: int = 2048
+    """hidden width of the projection head (feat -> mlp_dim -> ReLU -> dim; biases, no BN, as upstream)"""
+    dim: int = 128
+    """embedding dimension C of q, k and the bank columns"""
+
+    # --- optimisation (network) -------------------------------------------------------------------
+    epochs: int = 200
+    """training epochs E (800 for the long runs)"""
+    batch_size: int = 256
+    """GLOBAL batch B over all processes; each process gets N = B / world_size"""
+    lr: float = 0.03
+    """base learning rate per 256 images; the rate used is lr * B / 256 (linear scaling rule). 8192 recipe: 0.04"""
+    lr_final: float = 6e-4
+    """final learning rate per 256 images (scaled like --lr): lr_e = final + ½(1 + cos(π e/E))(peak - final)"""
+    momentum: float = 0.9
+    """SGD momentum of the network"""
+    weight_decay: float = 1e-4
+    """SGD weight decay (all query-encoder parameters, as upstream)"""
+
+    # --- AdCo: network side -----------------------------------------------------------------------
+    moco_m: float = 0.999
+    """m: key-encoder momentum, θ_k <- m θ_k + (1 - m) θ_q, once per step, constant"""
+    moco_t: float = 0.12
+    """τ: temperature of the network's InfoNCE logits [q.k_all | q.n] / τ (8192 recipe: 0.14)"""
+    sym: bool = False
+    """symmetric loss ½ CE(q1, k2) + ½ CE(q2, k1) and ½-weighted bank gradient (README: 70.6 %)"""
+    multi_crop: bool = False
+    """1 key crop + 5 query crops (224/192/160/128/96 px); loss and bank gradient SUMMED over crops (73.2 %)"""
+
+    # --- AdCo: the adversarial bank ---------------------------------------------------------------
+    bank_size: int = 65536
+    """K: number of adversarial negatives (bank columns); a multiple of --batch-size when --bank-init is on"""
+    mem_t: float = 0.02
+    """τ_m: temperature of the loss the bank ascends (the same logits as the network's, sharper). 8192 recipe: 0.03"""
+    mem_lr: float = 3.0
+    """η: bank learning rate, constant, not scaled with the batch (the bank gradient is a global-batch mean)"""
+    mem_momentum: float = 0.9
+    """μ: momentum of the bank's SGD, v <- μ v + G + λ W (upstream reuses --momentum)"""
+    mem_wd: float = 1e-4
+    """λ: weight decay on the un-normalised bank W (shrinks column norms; the ascent grows them)"""
+    bank_init: bool = True
+    """fill the bank with key embeddings by K/B MoCo-style training steps before epoch 0 (upstream ad_init);
+    --no-bank-init keeps the seeded randn bank (columns of norm about sqrt(C), not 1)"""
+
+    # --- systems ----------------------------------------------------------------------------------
+    amp: bool = True
+    """mixed precision on GPU: bf16 autocast (fp16 + GradScaler on GPUs without bf16); ignored on CPU"""
+    channels_last: bool = True
+    """channels_last memory format on GPU (faster convolutions under AMP); ignored on CPU"""
+    compile: bool = False
+    """torch.compile the query encoder"""
+    log_every: int = 50
+    """log (console + metrics.jsonl) every this many steps, and at the end of every epoch"""
+    ckpt_every_steps: int = 0
+    """also checkpoint every this many global steps (0: only at the end of each epoch)"""
+    stop_at_step: Optional[int] = None
+    """checkpoint and exit once the global step reaches this value (split a long run into jobs; resume with --resume auto)"""
+    knn_every: int = 0
+    """kNN monitor (k-NN top-1 on the val split, backbone features) every this many epochs; 0 = off (upstream has none)"""
+    knn_k: int = 200
+    """k of the kNN monitor"""
+    knn_t: float = 0.1
+    """temperature of the kNN monitor's weighted vote exp(sim / t)"""
+    knn_train_fraction: float = 1.0
+    """fraction of the train split used as kNN memory (every 1/f-th image); lower it for ImageNet"""
+
+
+# Arguments that must equal the checkpoint's when resuming (the rest, e.g. --epochs or --workers, may change).
+MUST_MATCH = ("arch", "small_stem", "mlp_dim", "dim", "dataset", "image_size", "batch_size", "lr", "lr_final",
+              "momentum", "weight_decay", "moco_m", "moco_t", "sym", "multi_crop", "bank_size", "mem_t", "mem_lr",
+              "mem_momentum", "mem_wd", "bank_init", "seed")
+
+# Multi-crop query crops: (size at --image-size 224, RRC scale range) = MoCo v2's (0.2, 1.0) x size / 224
+# (MultiCrop_Transform.py: 224 (0.2-1), 192 (0.172-0.86), 160 (0.143-0.715), 128 (0.114-0.571), 96 (0.086-0.429)).
+QUERY_CROP_SIZES = (224, 192, 160, 128, 96)
+
+
+# =====================================================================================================
+# METHOD: the math, as pure functions (imported by tests/). Embeddings are unit rows, fp32 or fp64.
+# =====================================================================================================
+def own_key_labels(batch_per_rank: int, rank: int, device) -> torch.Tensor:
+    """Label of query i on global rank r: the column of its own key in k_all, r*N + i.
+
+    k_all = concat_all_gather(k) stacks the ranks' keys in GLOBAL rank order, so rank r's keys occupy rows
+    r*N .. r*N + N-1. Upstream uses the local GPU index instead of r, which points at another node's keys
+    on every node but the first (spec section 4).
+    """
+    return torch.arange(rank * batch_per_rank, (rank + 1) * batch_per_rank, device=device)
+
+
+def similarities(q: torch.Tensor, k_all: torch.Tensor, bank_unit: torch.Tensor) -> torch.Tensor:
+    """The un-scaled logits of AdCo: [q_i . k_b | q_i . n_k]  ->  [N, B + K].
+
+    q: [N, C] queries; k_all: [B, C] all gathered keys (own key = positive, the rest in-batch negatives);
+    bank_unit: [C, K] normalised bank columns n_k. Divide by τ for the network loss, by τ_m for the bank.
+    """
+    return torch.cat([q @ k_all.T, q @ bank_unit], dim=1)  # [N, B] | [N, K]
+
+
+def bank_grad(q: torch.Tensor, k_all: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor,
+              mem_t: float) -> torch.Tensor:
+    """The bank's gradient for ONE loss term: returns G = -∂L/∂W, [C, K], to be used as W's gradient by a
+    DESCENT step (W <- W - η G), which therefore ASCENDS L: the bank becomes a harder set of negatives.
+
+        L = mean_i CE(z_i, y_i),   z_i = [q_i . k_allᵀ | q_i . n] / τ_m,   n_k = W_k / ||W_k||
+
+    q: [N, C] this rank's (pre-step) queries, unit rows; k_all: [B, C] all gathered keys, unit rows;
+    bank W: [C, K] un-normalised; labels y: [N], each query's own key in k_all (so y_i < B); τ_m = mem_t.
+    No input needs (or receives) a gradient; computed in fp32 (fp64 stays fp64). It is the gradient of THIS
+    rank's mean; the caller averages it over ranks, which gives the gradient of the global-batch mean
+    (every rank has the same N).
+
+    Derivation (spec section 7; AdCo issues #4, #6, #8, #17), with l_ik = q_i . n_k the bank similarities:
+      1. Cross-entropy: ∂L/∂z_ij = (p_ij - [j = y_i]) / N, p_i = softmax(z_i) over ALL B + K logits: the
+         in-batch keys stay in the partition function. y_i is always a key column, never a bank column,
+         so on the bank block the one-hot vanishes and ∂L/∂l_ik = p_i,B+k / (N τ_m)  (z = l / τ_m).
+         (The code still subtracts the one-hot, so it is the exact CE gradient for any label.)
+      2. l_ik depends on n_k only: ∂l_ik/∂n_k = q_i, so ∂L/∂n_k = Σ_i ∂L/∂l_ik q_i  =: a_k.
+      3. The bank is stored UN-normalised and n_k = W_k / ||W_k||. The Jacobian of a normalisation is
+             ∂n_k/∂W_k = (I - n_k n_kᵀ) / ||W_k||,
+         a projection onto the plane orthogonal to W_k, divided by the norm. Hence
+             ∂L/∂W_k = (a_k - (n_k . a_k) n_k) / ||W_k||,    n_k . a_k = Σ_i ∂L/∂l_ik l_ik.
+         The second term is the "extra term" of issue #8: it removes the radial component, because moving
+         W_k along itself does not change n_k. The paper's Eq. 5 is the gradient w.r.t. n_k (step 2) only.
+      Upstream's closed form (train.py L61-64) is exactly this, -(1/(τ_m ||W_k||)) [(1/N) Σ_i p_ik q_i -
+      ((1/N) Σ_i p_ik l_ik) n_k]; as the author says in #6, it equals SGD on -L with autograd.
+      tests/test_adco.py checks it against autograd (fp64 and fp32).
+    """
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 at least (fp64 stays fp64, for tests)
+    q, k_all, bank = q.detach().to(dtype), k_all.detach().to(dtype), bank.detach().to(dtype)
+    num_queries, num_keys = q.shape[0], k_all.shape[0]
+    norms = bank.norm(dim=0).clamp_min(1e-12)  # [K]: ||W_k|| (the eps of F.normalize)
+    bank_unit = bank / norms  # [C, K]: n_k
+    sims = similarities(q, k_all, bank_unit)  # [N, B+K]: [q.k_b | l_ik]
+    dL_dz = torch.softmax(sims / mem_t, dim=1)  # [N, B+K]: p_ij at the memory temperature τ_m
+    dL_dz[torch.arange(num_queries, device=q.device), labels] -= 1.0  # p - onehot(y): the CE gradient (x N)
+    dL_dl = dL_dz[:, num_keys:] / (num_queries * mem_t)  # [N, K]: ∂L/∂l_ik (bank block; 1/N of the mean)
+    a = q.T @ dL_dl  # [C, K]: a_k = ∂L/∂n_k = Σ_i ∂L/∂l_ik q_i
+    radial = (dL_dl * sims[:, num_keys:]).sum(dim=0)  # [K]: n_k . a_k = Σ_i ∂L/∂l_ik l_ik
+    dL_dW = (a - radial * bank_unit) / norms  # [C, K]: (I - n_k n_kᵀ) a_k / ||W_k||, orthogonal to W_k
+    return -dL_dW  # G = -∂L/∂W: descending along G ascends L
+
+
+def adco_loss_and_bank_grad(terms: list, bank: torch.Tensor, labels: torch.Tensor, moco_t: float,
+                            mem_t: float):
+    """One AdCo step's math. terms: [(q, k_all, weight)], q: [N, C] unit queries (with gradient), k_all:
+    [B, C] gathered unit keys; bank W: [C, K]; labels [N] (own_key_labels).  Returns
+
+        loss = Σ_terms w CE([q.k_allᵀ | q.n] / τ, labels)          the network's loss (autograd to q only)
+        G    = Σ_terms w bank_grad(q, k_all, W, labels, τ_m)        = -∂/∂W of Σ w CE(... / τ_m), this rank
+        pos_prob = mean τ_m-softmax probability of the own key    (upstream's mem_losses, per rank correct)
+        acc      = fraction of queries whose top logit (of B+K) is their own key
+
+    single: [(q, k_all, 1)]; --sym: [(q1, k2_all, ½), (q2, k1_all, ½)]; --multi-crop: [(q_c, k_all, 1)] x 5.
+    The bank is detached and normalised on the fly for the network's logits; W itself stays un-normalised.
+    """
+    dtype = torch.promote_types(bank.dtype, torch.float32)  # fp32 at least (fp64 stays fp64, for tests)
+    bank_unit = F.normalize(bank.detach().to(dtype), dim=0)  # [C, K]: n_k, no gradient into the bank
+    loss = torch.zeros((), dtype=dtype, device=bank.device)
+    grad = torch.zeros_like(bank, dtype=dtype)
+    pos_prob, acc = [], []
+    for q, k_all, weight in terms:
+        sims = similarities(q.to(dtype), k_all.detach().to(dtype), bank_unit)  # [N, B+K]
+        loss = loss + weight * F.cross_entropy(sims / moco_t, labels)  # mean over this rank's N queries
+        grad += weight * bank_grad(q, k_all, bank, labels, mem_t)  # [C, K]
+        with torch.no_grad():
+            pos_prob.append(torch.softmax(sims.detach() / mem_t, dim=1).gather(1, labels[:, None]).mean())
+            acc.append((sims.detach().argmax(dim=1) == labels).to(dtype).mean())
+    return loss, grad, torch.stack(pos_prob).mean(), torch.stack(acc).mean()
+
+
+@torch.no_grad()
+def bank_momentum_step(bank: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, lr: float,
+                       momentum: float, weight_decay: float) -> None:
+    """Momentum SGD with weight decay on the bank, in place (train.py L65-66; = torch.optim.SGD(momentum=μ,
+    weight_decay=λ, dampening=0, nesterov=False) fed grad = G):
+        v <- μ v + (G + λ W)      (v starts at zero, so the first step is v = G + λ W, as torch's SGD)
+        W <- W - η v
+    grad G = -∂L/∂W already averaged over ranks, so W and v stay identical on every rank.
+    """
+    velocity.mul_(momentum).add_(torch.add(grad, bank, alpha=weight_decay))  # v <- μ v + G + λ W
+    bank.add_(velocity, alpha=-lr)  # W <- W - η v
+
+
+@torch.no_grad()
+def fill_bank(bank: torch.Tensor, filled: int, k_all: torch.Tensor) -> int:
+    """Bank initialisation: W[:, filled : filled+B] <- k_allᵀ (B unit key embeddings, global rank order, the
+    same on every rank). Returns the new number of filled columns. K % B == 0 is checked at start-up."""
+    batch, size = k_all.shape[0], bank.shape[1]
+    if filled + batch > size:
+        raise ValueError(f"bank of size {size} with {filled} filled columns cannot take {batch} keys (K % B != 0)")
+    bank[:, filled:filled + batch] = k_all.T
+    return filled + batch
+
+
+def init_logits(q: torch.Tensor, k: torch.Tensor, bank: torch.Tensor, moco_t: float):
+    """Bank initialisation's MoCo-style InfoNCE (train.py L270-280): logits [N, 1+K] = [q_i.k_i | q_i.n_k] / τ,
+    labels 0: only the OWN key is a positive candidate (no in-batch keys), the partly random bank supplies
+    the negatives. q, k: [N, C] unit rows; bank: [C, K] un-normalised."""
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # [N, 1]: q_i . k_i
+    l_neg = q @ F.normalize(bank.float(), dim=0)  # [N, K]: q_i . n_k
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return torch.cat([l_pos, l_neg], dim=1) / moco_t, labels
+
+
+def cosine_lr(epoch: int, peak: float, final: float, epochs: int) -> float:
+    """Per-epoch cosine, no warm-up (train_utils.py adjust_learning_rate, cos=1):
+    lr_e = final + ½(1 + cos(π e / E))(peak - final): peak at e = 0, reaching final at e = E."""
+    return final + 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (peak - final)
+
+
+def crop_plan(sym: bool, multi_crop: bool) -> list[tuple[int, int, float]]:
+    """The loss terms as (query crop, key crop, weight), crops indexed as the data pipeline returns them.
+
+    single (2 views):      [(0, 1, 1)]                           q from view 0, keys from view 1
+    --sym (2 views):       [(0, 1, ½), (1, 0, ½)]                each view is query and key (train.py L74-147)
+    --multi-crop (6 crops): [(c, 0, 1) for c = 1..5]             crop 0 is the key crop; 5 query crops,
+                                                                  SUMMED (train.py L149-201)
+    """
+    if multi_crop:
+        return [(c, 0, 1.0) for c in range(1, 1 + len(QUERY_CROP_SIZES))]
+    if sym:
+        return [(0, 1, 0.5), (1, 0, 0.5)]
+    return [(0, 1, 1.0)]
+
+
+@torch.no_grad()
+def momentum_update(encoder_q: nn.Module, encoder_k: nn.Module, m: float) -> None:
+    """θ_k <- m θ_k + (1 - m) θ_q for every parameter (not BN buffers: f_k's BN statistics are its own).
+    lerp is exact at both ends: m = 0 copies θ_q (used after bank initialisation)."""
+    torch._foreach_lerp_(list(encoder_k.parameters()), list(encoder_q.parameters()), 1.0 - m)
+
+
+class Encoder(nn.Module):
+    """f(x) = head(backbone(x)): ResNet without fc, then Linear(feat, mlp_dim) -> ReLU -> Linear(mlp_dim, dim).
+    AdCo's head (model/AdCo.py L27-31) is MoCo v2's: 2 layers with biases, no BatchNorm."""
+
+    def __init__(self, arch: str, small_stem: bool, mlp_dim: int, dim: int):
+        super().__init__()
+        self.backbone, feat_dim = build_resnet(arch, small_stem)
+        self.head = nn.Sequential(nn.Linear(feat_dim, mlp_dim), nn.ReLU(inplace=True), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def augmentations(image_size: int, multi_crop: bool):
+    """MoCo v2 "aug+" for every crop (main_worker.py L152-165, MultiCrop_Transform.py). Returns the dataset
+    transform: 2 identical-pipeline views, or [key crop, 5 query crops] with --multi-crop."""
+
+    def pipeline(size: int, scale: tuple[float, float]) -> T.Compose:
+        return T.Compose([
+            T.RandomResizedCrop(size, scale=scale),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([GaussianBlur(0.1, 2.0)], p=0.5),  # sigma ~ U[0.1, 2.0]
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+
+    if not multi_crop:
+        return TwoCrops(pipeline(image_size, (0.2, 1.0)))
+    key_crop = pipeline(image_size, (0.2, 1.0))
+    query_crops = [pipeline(max(1, round(image_size * size / 224)), (0.2 * size / 224, 1.0 * size / 224))
+                   for size in QUERY_CROP_SIZES]
+    return MultiCrop([key_crop] + query_crops)
+
+
+# =====================================================================================================
+# PLUMBING: fenced blocks are byte-identical in every script that carries them (tests/test_shared_blocks.py).
+# Fix them in one file, copy to the others.
+# =====================================================================================================
+# >>> shared: distributed
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Returns (global rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain
+    `python script.py` is one process with no process group. NCCL on GPUs, gloo on CPU.
+
+    The rank used everywhere is the GLOBAL rank (official AdCo uses the local GPU index, which is wrong on
+    every node but the first). The local rank only picks the GPU.
+    """
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """[N, ...] on every rank -> [R*N, ...] on every rank, in rank order (rank 0's rows first).
+    Identity with one process. Warning: all_gather has no gradient; use only on keys / no-grad tensors."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks (one all_reduce); identity with one process. Returns x."""
+    if is_distributed():
+        dist.all_reduce(x)
+        x.div_(dist.get_world_size())
+    return x
+# <<< shared: distributed
+
+
+# >>> shared: shuffle-bn
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """ShuffleBN, step 1 (MoCo section 3.3): gather the key images of all ranks, permute them with rank 0's
+    random permutation, give each rank one slice. The key encoder's per-GPU BN then sees a random subset
+    of the global batch, so BN statistics cannot leak which key belongs to which query.
+    Returns (this rank's shuffled images [N, ...], the inverse permutation). A no-op with one process."""
+    if not is_distributed():
+        return x, None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x_all = concat_all_gather(x)  # [R*N, ...]
+    idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
+    dist.broadcast(idx_shuffle, src=0)  # every rank uses rank 0's permutation
+    idx_unshuffle = torch.argsort(idx_shuffle)
+    return x_all[idx_shuffle.view(world, -1)[rank]], idx_unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle(x: torch.Tensor, idx_unshuffle: Optional[torch.Tensor]) -> torch.Tensor:
+    """ShuffleBN, step 2: gather the shuffled key features and return this rank's own samples, in their
+    original order (so k_i again belongs to q_i). A no-op with one process."""
+    if idx_unshuffle is None:
+        return x
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x_all = concat_all_gather(x)  # [R*N, C] in shuffled order
+    return x_all[idx_unshuffle.view(world, -1)[rank]]
+# <<< shared: shuffle-bn
+
+
+# >>> shared: amp
+def setup_amp(device: torch.device, enabled: bool):
+    """Returns (autocast context factory, GradScaler, dtype or None).
+
+    bf16 autocast on GPUs that support it (no loss scaling needed); fp16 + GradScaler on older GPUs;
+    plain fp32 on CPU or with --no-amp. Autocast covers the encoders only: every script casts embeddings to
+    fp32 before normalising, and computes logits, softmax, KL and bank/queue arithmetic in fp32.
+    """
+    dtype = None
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    return autocast, scaler, dtype
+# <<< shared: amp
+
+
+# >>> shared: checkpoint
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states as plain types (loadable with weights_only=True)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_rng_states(device: torch.device) -> list:
+    """Every rank's RNG state, in rank order (a collective: all ranks must call it)."""
+    mine = rng_state(device)
+    if not is_distributed():
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in mine.items()})
+    return states
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic write: a crash while saving leaves the previous file intact (temp file + rename)."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
+    """--resume None: start fresh, but never over an existing run; 'auto': <out-dir>/last.pt if present;
+    otherwise a path that must exist. Returns the checkpoint to load, or None."""
+    last = os.path.join(out_dir, "last.pt")
+    if resume is None:
+        if os.path.exists(last):
+            raise UserError(f"{last} already exists: pass --resume auto to continue that run, "
+                            f"or choose another --out-dir (nothing was overwritten)")
+        found = None
+    elif resume == "auto":
+        found = last if os.path.exists(last) else None
+    elif not os.path.isfile(resume):
+        raise UserError(f"--resume {resume}: no such file")
+    else:
+        found = resume
+    if is_distributed():  # all ranks must resume from the same file (rank 0 writes; other nodes must see it)
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, found)
+        if len(set(seen)) > 1:
+            raise UserError(f"ranks disagree about the checkpoint to resume ({seen}): --out-dir must be on a "
+                            f"filesystem shared by all nodes")
+    return found
+
+
+def load_checkpoint(path: str, args, must_match: tuple) -> dict:
+    """Loads a checkpoint of THIS method and checks that the arguments in `must_match` are unchanged."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
+    found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if not isinstance(ckpt, dict) or found != METHOD:
+        what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
+        raise UserError(f"{path} is not a {METHOD}.py checkpoint (it holds {what})")
+    old = ckpt["args"]
+    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
+               for k in must_match if old.get(k) != getattr(args, k)]
+    if changed:
+        raise UserError(f"{path} was trained with other arguments; resuming would mix two recipes: "
+                        + ", ".join(changed))
+    return ckpt
+# <<< shared: checkpoint
+
+
+# >>> shared: console
+def make_console(rank: int) -> Console:
+    """Rich console on rank 0 only (others are quiet). soft_wrap keeps log lines whole in files."""
+    return Console(quiet=rank != 0, soft_wrap=True, log_path=False)
+
+
+def print_args(console: Console, args, derived: dict) -> None:
+    """The run's arguments (and derived values) as a table. Text() cells: paths are never parsed as markup."""
+    table = Table(title=f"{METHOD}.py", show_header=True, header_style="bold")
+    table.add_column("argument")
+    table.add_column("value")
+    for key, value in list(asdict(args).items()) + list(derived.items()):
+        table.add_row(Text(key), Text(str(value)))
+    console.print(table)
+
+
+def make_progress(console: Console) -> Progress:
+    """A progress bar in an interactive terminal; disabled (plain log lines only) when output is a file."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, disable=not console.is_terminal, transient=True)
+
+
+class MetricsLog:
+    """<out-dir>/metrics.jsonl, one JSON object per line, written by rank 0.
+
+    On resume, records with a step after the checkpoint's (logged by the interrupted run after its last
+    checkpoint) are dropped, so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: str, rank: int, resume_step: Optional[int]):
+        self.path, self.active = path, rank == 0
+        if not self.active:
+            return
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, record: dict) -> None:
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+# <<< shared: console
+
+
+# >>> shared: entry
+def cli(main, args_type) -> None:
+    """Parse the Args dataclass (tyro: --help comes from the field docstrings), run main, and turn a
+    UserError into one line on stderr and exit code 2 (no traceback). Always tears down the process group."""
+    args = tyro.cli(args_type, console_outputs=int(os.environ.get("RANK", "0")) == 0)
+    try:
+        main(args)
+    except UserError as e:
+        # a UserError raised inside a DataLoader worker arrives wrapped with the worker's traceback text
+        message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
+        Console(stderr=True, soft_wrap=True).print(f"{prefix}error: {message}", markup=False, highlight=False)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+# <<< shared: entry
+
+
+# =====================================================================================================
+# main
+# =====================================================================================================
+def main(args: Args) -> dict:
+    """Trains and returns the final state {"encoder_q", "encoder_k", "bank", "bank_velocity", "last_step"}
+    (for tests; last_step holds this rank's labels, own keys and gathered keys of the last step)."""
+    # ---- 1. setup: processes, sizes, seeds ------------------------------------------------------------
+    rank, world, device = setup_distributed()
+    console = make_console(rank)
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the "
+                        f"{world} processes")
+    batch_per_rank = args.batch_size // world
+    if args.sym and args.multi_crop:
+        raise UserError("--sym with --multi-crop is not supported (upstream: 'we have yet to support multi crop "
+                        "with symmetrical loss'); choose one")
+    if args.bank_size <= 0 or min(args.moco_t, args.mem_t) <= 0 or args.mem_lr < 0:
+        raise UserError("--bank-size must be positive, --moco-t and --mem-t > 0, --mem-lr >= 0")
+    if args.bank_init and args.bank_size % args.batch_size:
+        raise UserError(f"--bank-size {args.bank_size} must be a multiple of the global --batch-size "
+                        f"{args.batch_size} (bank initialisation fills it with one global batch of keys per step; "
+                        f"or pass --no-bank-init)")
+    lr_peak = args.lr * args.batch_size / 256  # linear scaling rule: lr per 256 images
+    lr_final = args.lr_final * args.batch_size / 256  # the final value scales the same way
+    torch.manual_seed(args.seed)  # identical initial weights and bank on every rank
+    random.seed(args.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # ---- 2. run folder, resume --------------------------------------------------------------------------
+    resume_path = resolve_resume(args.resume, args.out_dir)
+    ckpt = load_checkpoint(resume_path, args, MUST_MATCH) if resume_path else None
+    if ckpt is not None and ckpt["next_epoch"] >= args.epochs:
+        console.print(f"{resume_path} already finished {ckpt['next_epoch']} epochs; nothing to do "
+                      f"(raise --epochs to train longer)", markup=False)
+        return {}
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    # ---- 3. data: MoCo v2 augmentation; 2 views, or 1 key crop + 5 query crops (augmentations()) ---------
+    train_set = make_dataset(args.dataset, args.data, "train", augmentations(args.image_size, args.multi_crop),
+                             args.synthetic_images, args.image_size, args.seed)
+    loader = make_loader(train_set, batch_per_rank, rank, world, args.workers, args.seed)
+    steps_per_epoch = len(loader.sampler) // batch_per_rank
+    plan = crop_plan(args.sym, args.multi_crop)  # [(query crop, key crop, weight)]
+    query_crops = sorted({i for i, _, _ in plan})  # crops through f_q (with gradient)
+    key_crops = sorted({j for _, j, _ in plan})  # crops through f_k (ShuffleBN, no gradient)
+    knn_sets = None
+    if args.knn_every > 0:
+        try:
+            memory = make_dataset(args.dataset, args.data, "train", eval_transform(args.image_size),
+                                  args.synthetic_images, args.image_size, args.seed)
+            stride = max(1, round(1 / args.knn_train_fraction))
+            memory = torch.utils.data.Subset(memory, range(0, len(memory), stride))
+            knn_sets = (memory, make_dataset(args.dataset, args.data, "val", eval_transform(args.image_size),
+                                             args.synthetic_images, args.image_size, args.seed))
+        except UserError as e:
+            console.print(f"kNN monitor off: {e}", markup=False)
+
+    # ---- 4. model, bank, optimizer ----------------------------------------------------------------------
+    encoder_q = Encoder(args.arch, args.small_stem, args.mlp_dim, args.dim).to(device)
+    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # θ_k = θ_q at start (AdCo.py L33-35)
+    if device.type == "cuda" and args.channels_last:
+        encoder_q.to(memory_format=torch.channels_last)
+        encoder_k.to(memory_format=torch.channels_last)
+    # The bank W: [C, K], fp32, UN-normalised, outside DDP (no autograd: its gradient is bank_grad's closed
+    # form). randn from --seed, so identical on every rank (upstream: unseeded). Bank initialisation
+    # (section 5) overwrites every column with a unit key; --no-bank-init trains from this randn.
+    bank = torch.randn(args.dim, args.bank_size).to(device)
+    bank_velocity = torch.zeros_like(bank)  # v: the bank's momentum buffer, v_0 = 0 (as torch's SGD)
+    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=lr_peak, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    autocast, scaler, amp_dtype = setup_amp(device, args.amp)
+    torch.manual_seed(args.seed + rank)  # from here on: per-rank randomness (augmentations, ShuffleBN perm)
+
+    def to_device(x):
+        x = x.to(device, non_blocking=True)
+        return x.to(memory_format=torch.channels_last) if device.type == "cuda" and args.channels_last else x
+
+    def embed_keys(x: torch.Tensor) -> torch.Tensor:
+        """k = normalize(f_k(x)) with ShuffleBN, no gradient: [N, C] fp32, k_i pairs with this rank's image i."""
+        x, idx_unshuffle = batch_shuffle(x)
+        with autocast():
+            k = encoder_k(x)
+        return batch_unshuffle(F.normalize(k.float(), dim=1), idx_unshuffle)
+
+    # ---- 5. restore, or (fresh run) initialise the bank ------------------------------------------------
+    start_epoch, start_batch, step = 0, 0, 0
+    if ckpt is not None:
+        encoder_q.load_state_dict(ckpt["encoder_q"])
+        encoder_k.load_state_dict(ckpt["encoder_k"])
+        bank.copy_(ckpt["bank"])  # W and v: the bank continues exactly where it was (init is never redone)
+        bank_velocity.copy_(ckpt["bank_velocity"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_batch, step = ckpt["next_epoch"], ckpt["next_batch"], ckpt["step"]
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], device)
+        else:
+            console.print(f"resuming on {world} processes from a run on {len(ckpt['rng'])}: RNG streams restart")
+    model = DDP(encoder_q, device_ids=[device] if device.type == "cuda" else None) if world > 1 else encoder_q
+    if args.compile:
+        model = torch.compile(model)
+    metrics = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), rank, step if ckpt else None)
+    if rank == 0:
+        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    print_args(console, args, {
+        "world size": world, "device": device, "per-process batch N": batch_per_rank,
+        "lr used (lr x B/256)": lr_peak, "final lr": lr_final, "amp dtype": amp_dtype or "fp32",
+        "steps per epoch": steps_per_epoch, "loss terms (query crop, key crop, weight)": plan,
+        "bank initialisation": (f"{args.bank_size // args.batch_size} steps" if args.bank_init else "off (randn)")
+                               if ckpt is None else "restored from checkpoint",
+        "resumed from": f"{resume_path} (epoch {start_epoch}, batch {start_batch})" if ckpt else "-",
+    })
+    if world == 1:
+        console.print("one process: ShuffleBN has nothing to shuffle across and is skipped "
+                      "(the key encoder's BN sees the same batch order as the query encoder's)")
+
+    if ckpt is None and args.bank_init:
+        # Bank initialisation (train.py L247-305): K/B steps of MoCo-style training, own key as the only
+        # positive (label 0), temperature τ, at the epoch-0 lr. The network really trains here and SGD's
+        # momentum carries into epoch 0. After each step the global batch of keys fills the next B columns:
+        # W[:, f : f+B] <- k_allᵀ (unit vectors, identical on every rank). Then θ_k <- θ_q.
+        encoder_q.train()
+        encoder_k.train()
+        init_q, init_k = (1, 0) if args.multi_crop else (0, 1)  # (query crop, key crop): 224 vs 224 key crop
+        filled, init_epoch, init_steps = 0, 0, 0
+        while filled < args.bank_size:
+            loader.sampler.set_epoch(init_epoch)  # epoch 0's order first, as upstream (no set_epoch before init)
+            for views, _ in loader:
+                with autocast():
+                    q = model(to_device(views[init_q]))
+                q = F.normalize(q.float(), dim=1)  # [N, C]
+                with torch.no_grad():
+                    momentum_update(encoder_q, encoder_k, args.moco_m)
+                    k = embed_keys(to_device(views[init_k]))  # [N, C]
+                logits, labels0 = init_logits(q, k, bank, args.moco_t)
+                init_loss = F.cross_entropy(logits, labels0)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(init_loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                filled = fill_bank(bank, filled, concat_all_gather(k))  # W[:, f:f+B] <- k_allᵀ
+                init_steps += 1
+                if init_steps % args.log_every == 0 or filled >= args.bank_size:
+                    console.print(f"bank initialisation: {filled}/{args.bank_size} columns, init loss "
+                                  f"{init_loss.item():.4f}", markup=False, highlight=False)
+                if filled >= args.bank_size:
+                    break
+            init_epoch += 1
+        momentum_update(encoder_q, encoder_k, 0.0)  # θ_k <- θ_q: the EMA of the init steps is discarded
+        metrics.write({"epoch": 0, "step": 0, "bank_init_steps": init_steps, "bank_init_loss": init_loss.item()})
+        console.print(f"bank initialised: {args.bank_size} unit key embeddings in {init_steps} steps; key encoder "
+                      f"reset to the query encoder", markup=False)
+
+    def checkpoint_state(next_epoch: int, next_batch: int) -> dict:
+        return {"method": METHOD, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
+                "step": step, "encoder_q": encoder_q.state_dict(), "encoder_k": encoder_k.state_dict(),
+                "bank": bank.cpu(), "bank_velocity": bank_velocity.cpu(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": all_rng_states(device)}
+
+    # ---- 6. train loop ----------------------------------------------------------------------------------
+    encoder_q.train()
+    encoder_k.train()  # f_k's BN uses batch statistics (of the shuffled batch), as upstream
+    labels = own_key_labels(batch_per_rank, rank, device)  # [N]: y_i = r*N + i, the same every step
+    last_step = None
+    # Running sums on the device (no host sync per step): loss, pos_prob, acc, steps.
+    sums = torch.zeros(4, device=device)
+    window_start = time.perf_counter()
+    with make_progress(console) as progress:
+        task = progress.add_task("train", total=(args.epochs - start_epoch) * steps_per_epoch - start_batch)
+        for epoch in range(start_epoch, args.epochs):
+            first_batch = start_batch if epoch == start_epoch else 0
+            loader.sampler.set_epoch(epoch, first_batch)
+            lr = cosine_lr(epoch, lr_peak, lr_final, args.epochs)  # per epoch (main_worker.py L195)
+            mem_lr = args.mem_lr  # η: constant, as upstream
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for batch_idx, (views, _) in enumerate(loader, start=first_batch):
+                crops = [to_device(v) for v in views]  # 2 views, or [key crop, 5 query crops]
+
+                # queries q = normalize(f_q(crop)), with gradient; one forward per crop (BN per crop, as upstream)
+                queries = {}
+                for c in query_crops:
+                    with autocast():
+                        out = model(crops[c])
+                    queries[c] = F.normalize(out.float(), dim=1)  # [N, C], fp32
+                # keys, no gradient: EMA first (θ_q after the previous step), then ShuffleBN forward per key
+                # crop, then gather: k_all [B, C] in global rank order (own keys at rows r*N .. r*N+N-1)
+                with torch.no_grad():
+                    momentum_update(encoder_q, encoder_k, args.moco_m)
+                    keys = {c: embed_keys(crops[c]) for c in key_crops}  # [N, C]: this rank's own keys
+                    keys_all = {c: concat_all_gather(keys[c]) for c in key_crops}  # [B, C]
+                terms = [(queries[i], keys_all[j], w) for i, j, w in plan]
+
+                # the network's loss L_τ and the bank's gradient G = -∂L_τm/∂W, both from the bank BEFORE
+                # its step and from these (pre-step) features
+                loss, grad, pos_prob, acc = adco_loss_and_bank_grad(terms, bank, labels, args.moco_t, args.mem_t)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()  # DDP averages the network gradient over ranks
+                scaler.step(optimizer)
+                scaler.update()
+
+                # the adversarial bank step (train.py L60-67):
+                #   G <- mean over ranks of G      (ONE all-reduce of [C, K]: the global-batch-mean gradient)
+                #   v <- μ v + G + λ W;  W <- W - η v   (descending along G = -∂L/∂W: ASCENT of L_τm)
+                bank_momentum_step(bank, bank_velocity, all_reduce_mean(grad), mem_lr, args.mem_momentum,
+                                   args.mem_wd)
+
+                step += 1
+                progress.advance(task)
+                sums += torch.stack([loss.detach(), pos_prob, acc, torch.ones((), device=device)])
+                last_step = {"labels": labels, "keys": keys[plan[0][1]], "keys_all": keys_all[plan[0][1]]}
+
+                # ---- logging, non-finite guard, checkpoints (the only host syncs) ----------------------
+                done = batch_idx + 1
+                end_of_epoch = done == steps_per_epoch
+                stop = args.stop_at_step is not None and step >= args.stop_at_step
+                save = end_of_epoch or stop or (args.ckpt_every_steps > 0 and step % args.ckpt_every_steps == 0)
+                if done % args.log_every == 0 or save:
+                    totals = all_reduce_mean(sums.clone()).tolist()
+                    n = totals[3]
+                    elapsed = time.perf_counter() - window_start
+                    record = {"epoch": epoch, "step": step, "lr": lr, "mem_lr": mem_lr, "loss": totals[0] / n,
+                              "pos_prob": totals[1] / n, "acc": 100 * totals[2] / n,
+                              "bank_norm": bank.norm(dim=0).mean().item(), "img_per_s": n * args.batch_size / elapsed}
+                    if not all(math.isfinite(v) for v in totals) or not math.isfinite(record["bank_norm"]):
+                        # keep last.pt (the last good state); save the diverged state beside it for inspection
+                        bad = os.path.join(args.out_dir, f"nonfinite_step{step}.pt")
+                        state = checkpoint_state(epoch, done)
+                        if rank == 0:
+                            save_checkpoint(bad, state)
+                        raise UserError(f"non-finite loss or bank at epoch {epoch}, step {step} ({record}); "
+                                        f"{os.path.join(args.out_dir, 'last.pt')} is the last good checkpoint, "
+                                        f"the diverged state is in {bad}")
+                    if device.type == "cuda":
+                        record["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    metrics.write(record)
+                    console.print(f"epoch {epoch} [{done}/{steps_per_epoch}] step {step}  loss {record['loss']:.4f}  "
+                                  f"pos_prob {record['pos_prob']:.4f}  acc {record['acc']:.1f}  "
+                                  f"|W_k| {record['bank_norm']:.3f}  lr {lr:.5f}  mem_lr {mem_lr:g}  "
+                                  f"{record['img_per_s']:.0f} img/s", markup=False, highlight=False)
+                    sums.zero_()
+                    window_start = time.perf_counter()
+
+                # ---- 7. end of epoch: kNN monitor, checkpoint --------------------------------------------------
+                if end_of_epoch and knn_sets is not None and (epoch + 1) % args.knn_every == 0:
+                    try:  # a monitor must never end a training run
+                        top1_knn, top5_knn = knn_accuracy(encoder_q.backbone, *knn_sets, batch_per_rank * 2,
+                                                          device, args.knn_k, args.knn_t, args.workers, autocast)
+                        metrics.write({"epoch": epoch, "step": step, "knn_top1": top1_knn, "knn_top5": top5_knn})
+                        console.print(f"epoch {epoch}  kNN top-1 {top1_knn:.2f}  top-5 {top5_knn:.2f}", markup=False)
+                    except Exception as e:  # noqa: BLE001
+                        console.print(f"kNN monitor failed, training continues: {type(e).__name__}: {e}", markup=False)
+                if save:
+                    state = checkpoint_state(epoch + 1, 0) if end_of_epoch else checkpoint_state(epoch, done)
+                    if rank == 0:
+                        save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
+                if stop:
+                    console.print(f"stopped at step {step} (--stop-at-step); continue with --resume auto")
+                    return {"encoder_q": encoder_q, "encoder_k": encoder_k, "bank": bank,
+                            "bank_velocity": bank_velocity, "last_step": last_step}
+
+    # ---- 8. teardown (the process group is destroyed by cli()) -------------------------------------------
+    console.print(f"done: {args.epochs} epochs, {step} steps; checkpoint {os.path.join(args.out_dir, 'last.pt')}",
+                  markup=False)
+    return {"encoder_q": encoder_q, "encoder_k": encoder_k, "bank": bank, "bank_velocity": bank_velocity,
+            "last_step": last_step}
+
+
+if __name__ == "__main__":
+    cli(main, Args)
