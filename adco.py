@@ -395,7 +395,7 @@ class Encoder(nn.Module):
         return self.head(self.backbone(x))
 
 
-def augmentations(image_size: int, multi_crop: bool):
+def augmentations(image_size: int, multi_crop: bool = False):
     """MoCo v2 "aug+" for every crop (main_worker.py L152-165, MultiCrop_Transform.py). Returns the dataset
     transform: 2 identical-pipeline views, or [key crop, 5 query crops] with --multi-crop."""
 

@@ -393,7 +393,7 @@ class Encoder(nn.Module):
         return self.head(self.backbone(x))
 
 
-def augmentations(image_size: int, multi_crop: bool):
+def augmentations(image_size: int, multi_crop: bool = False):
     """The crop transform: [view1, view2] (single crop) or 2 big + 6 small crops (multi-crop)."""
     def pipeline(size, scale, jitter_hue_sat, blur_p, solarize_p):
         ops = [T.RandomResizedCrop(size, scale=scale),

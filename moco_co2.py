@@ -233,10 +233,10 @@ def enqueue(queue: torch.Tensor, ptr: int, k_all: torch.Tensor) -> int:
     return (ptr + batch) % size
 
 
-def train_transform(args: Args) -> TwoCrops:
+def augmentations(image_size: int) -> TwoCrops:
     """MoCo v2 "aug+" (main_moco.py L225-235): the same random pipeline draws the query and the key view."""
     augmentation = T.Compose([
-        T.RandomResizedCrop(args.image_size, scale=(0.2, 1.0)),
+        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
         T.RandomGrayscale(p=0.2),
         T.RandomApply([GaussianBlur(0.1, 2.0)], p=0.5),  # sigma ~ U[0.1, 2.0]
@@ -532,7 +532,7 @@ def main(args: Args) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
 
     # ---- 3. data ----------------------------------------------------------------------------------------
-    train_set = make_dataset(args.dataset, args.data, "train", train_transform(args), args.synthetic_images,
+    train_set = make_dataset(args.dataset, args.data, "train", augmentations(args.image_size), args.synthetic_images,
                              args.image_size, args.seed)
     loader = make_loader(train_set, batch_per_rank, rank, world, args.workers, args.seed)
     steps_per_epoch = len(loader.sampler) // batch_per_rank

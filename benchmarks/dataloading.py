@@ -44,12 +44,12 @@ class Args:
 
 
 def transform_for(name: str, image_size: int):
+    """The method file's own augmentations(image_size[, multi_crop]): exactly the pipeline that trains."""
     script, _, variant = name.partition("-")
     module = importlib.import_module(script)
-    fields = {"image_size": image_size}
     if variant == "multi-crop":
-        fields["multi_crop"] = True
-    return module.train_transform(module.Args(**fields))
+        return module.augmentations(image_size, multi_crop=True)
+    return module.augmentations(image_size)
 
 
 def main(args: Args) -> list[dict]:

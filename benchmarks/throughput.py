@@ -131,7 +131,99 @@ def moco_co2_step(args: Args, device, autocast, memory_format):
     return step, [encoder_q]
 
 
-STEPS = {"moco_co2": moco_co2_step}
+def adco_step(args: Args, device, autocast, memory_format):
+    """One single-crop AdCo step as adco.main runs it (loss + closed-form bank gradient, then the bank step)."""
+    m = importlib.import_module("adco")
+    d = m.Args()
+    encoder_q = m.Encoder(args.arch, False, d.mlp_dim, d.dim).to(device, memory_format=memory_format)
+    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
+    model = torch.compile(encoder_q) if args.compile else encoder_q
+    bank = F.normalize(torch.randn(d.dim, args.bank_size, device=device), dim=0)
+    velocity = torch.zeros_like(bank)
+    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    labels = m.own_key_labels(args.batch, 0, device)
+
+    def step(x_q, x_k, timer: Timer):
+        timer.start()
+        with autocast():
+            q = model(x_q)
+        q = F.normalize(q.float(), dim=1)
+        with torch.no_grad():
+            m.momentum_update(encoder_q, encoder_k, d.moco_m)
+            timer.mark("encoders")
+            x_shuffled, idx = m.batch_shuffle(x_k)
+            timer.mark("collectives")
+            with autocast():
+                k = encoder_k(x_shuffled)
+            timer.mark("encoders")
+            k_all = m.concat_all_gather(m.batch_unshuffle(F.normalize(k.float(), dim=1), idx))
+            timer.mark("collectives")
+        loss, grad, _, _ = m.adco_loss_and_bank_grad([(q, k_all, 1.0)], bank, labels, d.moco_t, d.mem_t)
+        timer.mark("loss")  # includes the closed-form bank gradient (see bank_grad_ms for its own time)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        timer.mark("encoders")
+        grad = m.all_reduce_mean(grad)
+        timer.mark("collectives")
+        m.bank_momentum_step(bank, velocity, grad, d.mem_lr, d.mem_momentum, d.mem_wd)
+        timer.mark("queue/bank")
+
+    def bank_grad_only(q, k_all):
+        return m.bank_grad(q, k_all, bank, labels, d.mem_t)
+
+    step.bank_grad = bank_grad_only
+    return step, [encoder_q]
+
+
+def caco_step(args: Args, device, autocast, memory_format):
+    """One single-crop (symmetric) CaCo step as caco.main runs it."""
+    m = importlib.import_module("caco")
+    d = m.Args()
+    encoder_q = m.Encoder(args.arch, False, d.mlp_dim, d.dim).to(device, memory_format=memory_format)
+    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
+    model = torch.compile(encoder_q) if args.compile else encoder_q
+    bank = F.normalize(torch.randn(d.dim, args.bank_size, device=device), dim=0)
+    velocity = torch.zeros_like(bank)
+    optimizer = m.LARS(encoder_q.parameters(), lr=1.2, weight_decay=d.weight_decay, momentum=d.momentum,
+                       trust=d.lars_trust)
+    pairs = m.crop_pairs(2, 0)
+
+    def step(x_q, x_k, timer: Timer):
+        timer.start()
+        queries = []
+        for x in (x_q, x_k):
+            with autocast():
+                out = model(x)
+            queries.append(F.normalize(out.float(), dim=1))
+        with torch.no_grad():
+            m.momentum_update(encoder_q, encoder_k, d.moco_m)
+            keys = []
+            for x in (x_q, x_k):
+                with autocast():
+                    out = encoder_k(x)
+                keys.append(F.normalize(out.float(), dim=1))
+        timer.mark("encoders")
+        loss, grad, _, _ = m.caco_loss_and_bank_grad(queries, keys, bank, pairs, d.moco_t, d.mem_t)
+        timer.mark("loss")  # includes the bank gradient of both directions (see bank_grad_ms)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        timer.mark("encoders")
+        grad = m.all_reduce_mean(grad)
+        timer.mark("collectives")
+        m.bank_momentum_step(bank, velocity, grad, d.mem_lr, d.mem_momentum)
+        timer.mark("queue/bank")
+
+    def bank_grad_only(q, k_all):  # both directions, as in the step
+        labels = m.positive_labels(q, bank)
+        return m.bank_grad(q, bank, labels, d.mem_t) + m.bank_grad(q, bank, labels, d.mem_t)
+
+    step.bank_grad = bank_grad_only
+    return step, [encoder_q]
+
+
+STEPS = {"moco_co2": moco_co2_step, "adco": adco_step, "caco": caco_step}
 
 
 def peak_matmul_flops(device: torch.device) -> float:
@@ -179,6 +271,16 @@ def run(args: Args, device: torch.device, peak: float) -> dict:
     for _ in range(args.steps):
         step(x_q, x_k, phases)
     total = sum(phases.times.values())
+    bank_grad_ms = None
+    if hasattr(step, "bank_grad"):  # the closed-form bank gradient alone, on embeddings of the right shape
+        q = F.normalize(torch.randn(args.batch, 128 if args.method != "caco" else 256, device=device), dim=1)
+        timer = Timer(device, sync=True)
+        step.bank_grad(q, q)
+        timer.start()
+        for _ in range(args.steps):
+            step.bank_grad(q, q)
+        timer.mark("g")
+        bank_grad_ms = 1000 * timer.times["g"] / args.steps
     return {
         "method": args.method, "arch": args.arch, "image_size": args.image_size, "batch": args.batch,
         "bank_size": args.bank_size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -187,6 +289,9 @@ def run(args: Args, device: torch.device, peak: float) -> dict:
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "tflop_per_step": flops / 1e12, "mfu": flops / seconds / peak,
         "share": {k: v / total for k, v in sorted(phases.times.items())},
+        "bank_grad_ms": bank_grad_ms,
+        "bank_update_share": None if bank_grad_ms is None else
+        (bank_grad_ms / 1000 + phases.times.get("queue/bank", 0) / args.steps) / seconds,
     }
 
 
@@ -213,7 +318,9 @@ def main(args: Args) -> list[dict]:
         print(f"{r['method']:<9}{str(r['amp']):>5}{str(r['channels_last']):>7}{str(r['compile']):>8}"
               f"{r['img_per_s']:>9.0f}{r['ms_per_step']:>9.1f}{mem:>8}{100 * r['mfu']:>6.1f}%"
               f"  {100 * s.get('encoders', 0):.1f}% / {100 * s.get('loss', 0):.1f}% / "
-              f"{100 * s.get('queue/bank', 0):.2f}% / {100 * s.get('collectives', 0):.2f}%")
+              f"{100 * s.get('queue/bank', 0):.2f}% / {100 * s.get('collectives', 0):.2f}%"
+              + (f"  bank gradient {r['bank_grad_ms']:.2f} ms, whole bank update {100 * r['bank_update_share']:.2f}%"
+                 " of the step" if r["bank_grad_ms"] is not None else ""))
     return rows
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests import the scripts' pure functions: `from moco_co2 import co2_loss`
@@ -95,6 +96,24 @@ def assert_state_equal(a, b, path="state"):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-@pytest.fixture
-def tiny():
-    return list(TINY)
+def unit(*shape, seed=0, dim=-1, dtype=torch.float64):
+    """Seeded random tensor normalised to unit length along `dim` (rows by default, columns with dim=0)."""
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype), dim=dim)
+
+
+def final_state(out):
+    """<out>/last.pt without its "args" (which differ in --epochs / --resume / --stop-at-step only)."""
+    ckpt = load(os.path.join(out, "last.pt"))
+    del ckpt["args"]
+    return ckpt
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs use one intra-op thread, as the subprocess runs do (OMP_NUM_THREADS=1): on a small
+    shared CPU, OpenMP threads waiting for a descheduled sibling can make a tiny ResNet step 5-50x slower.
+    Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,11 +10,7 @@ import tyro
 
 import adco
 from common import UserError
-from conftest import TINY, assert_state_equal, load, run_script, run_two_nodes
-
-
-def unit(*shape, seed=0, dim=-1, dtype=torch.float64):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype), dim=dim)
+from conftest import TINY, assert_state_equal, final_state, load, run_script, run_two_nodes, unit
 
 
 def raw_bank(c, k, seed=3, dtype=torch.float64):
@@ -224,12 +220,6 @@ def test_bank_init_fills_exactly_k_columns_with_unit_keys(tmp_path):
     assert not torch.equal(state["encoder_q"].head[0].weight, adco.Encoder("resnet18", False, 2048, 128).head[0].weight)
     randn = adco.main(tiny_args(tmp_path / "noinit", epochs=0, bank_init=False, bank_size=72))  # any K
     assert randn["bank"].norm(dim=0).mean() > 5  # untouched seeded randn
-
-
-def final_state(out):
-    ckpt = load(out / "last.pt")
-    del ckpt["args"]  # differs in --epochs / --resume / --stop-at-step only
-    return ckpt
 
 
 def test_resume_is_bitwise_identical(tmp_path):

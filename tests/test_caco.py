@@ -12,22 +12,7 @@ import tyro
 
 import caco
 from common import UserError
-from conftest import TINY, assert_state_equal, load, run_script, run_torchrun
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one intra-op thread, as the subprocess runs do (conftest sets OMP_NUM_THREADS=1):
-    on a small shared CPU, OpenMP barriers waiting for a descheduled second thread made the first tiny run
-    of a session 5-10x slower. Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def unit(*shape, seed=0, dim=-1, dtype=torch.float64):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype), dim=dim)
+from conftest import TINY, assert_state_equal, final_state, load, run_script, run_torchrun, unit
 
 
 def raw_bank(c, k, seed=3, dtype=torch.float64):
@@ -242,12 +227,6 @@ def tiny_args(out, **overrides):
                   log_every=1)
     fields.update(overrides)
     return caco.Args(**fields)
-
-
-def final_state(out):
-    ckpt = load(os.path.join(out, "last.pt"))
-    del ckpt["args"]  # differs in --epochs / --resume only
-    return ckpt
 
 
 def test_resume_is_bitwise_identical(tmp_path):

@@ -47,16 +47,6 @@ def pretrained(tmp_path_factory):
     return pretrain("moco_co2.py", tmp_path_factory.mktemp("pre"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs with one intra-op thread, like the subprocess runs (OMP_NUM_THREADS=1): on a busy
-    2-core machine two spinning OpenMP threads can make a ResNet-18 forward 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def backbone_of(ckpt_path):
     """The query encoder's backbone tensors, read independently of linear_eval.read_backbone."""
     state = load(ckpt_path)["encoder_q"]

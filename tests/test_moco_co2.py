@@ -9,11 +9,7 @@ import torch.nn.functional as F
 
 import moco_co2
 from common import UserError
-from conftest import ROOT, TINY, assert_state_equal, load, run_script, run_torchrun
-
-
-def unit(*shape, seed=0, dim=-1, dtype=torch.float64):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype), dim=dim)
+from conftest import ROOT, TINY, assert_state_equal, final_state, load, run_script, run_torchrun, unit
 
 
 def co2_reference(q, k, queue, tau):
@@ -151,12 +147,6 @@ def tiny_args(out, **overrides):
                   workers=0, seed=0, epochs=2, queue_size=64, out_dir=str(out), log_every=1)
     fields.update(overrides)
     return moco_co2.Args(**fields)
-
-
-def final_state(out):
-    ckpt = load(os.path.join(out, "last.pt"))
-    del ckpt["args"]  # differs in --epochs / --resume only
-    return ckpt
 
 
 def test_resume_is_bitwise_identical(tmp_path):

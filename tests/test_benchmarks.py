@@ -1,0 +1,33 @@
+"""The benchmarks stay runnable (tiny CPU settings). They measure; nothing here asserts a timing."""
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import dataloading  # noqa: E402
+import throughput  # noqa: E402
+
+
+@pytest.mark.parametrize("method", ["moco_co2", "adco", "caco"])
+def test_throughput_reports_every_field(method):
+    args = throughput.Args(method=method, arch="resnet18", image_size=32, batch=8, bank_size=64, device="cpu",
+                           steps=1, warmup=1, json=True)
+    (row,) = throughput.main(args)
+    assert row["img_per_s"] > 0 and row["tflop_per_step"] > 0 and 0 < row["mfu"]
+    assert abs(sum(row["share"].values()) - 1) < 1e-6
+    assert {"encoders", "loss", "queue/bank", "collectives"} <= set(row["share"])
+    assert (row["bank_grad_ms"] is None) == (method == "moco_co2")
+
+
+def test_dataloading_times_each_pipeline(tmp_path):
+    for c in range(2):
+        (tmp_path / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (40, 40), (30 * i, 20 * c, 90)).save(tmp_path / "train" / f"c{c}" / f"{i}.jpg")
+    args = dataloading.Args(data=str(tmp_path), methods=["moco_co2", "adco-multi-crop", "caco-multi-crop"],
+                            image_size=32, workers=[0], batch_size=2, batches=2, json=True)
+    rows = dataloading.main(args)
+    assert [r["views"] for r in rows] == [2, 6, 8] and all(r["img_per_s"] > 0 for r in rows)
