@@ -90,32 +90,45 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
 
-def moco_co2_step(args: Args, device, autocast, memory_format):
-    """One MoCo v2 + CO2 step as moco_co2.main runs it."""
-    m = importlib.import_module("moco_co2")
+def build(name: str, args: Args, device, memory_format):
+    """The method module, its default Args, query/key encoders (as its main() builds them), the module to
+    call for queries (compiled or not), and a unit-column [C, K] queue/bank."""
+    m = importlib.import_module(name)
     d = m.Args()
     encoder_q = m.Encoder(args.arch, False, d.mlp_dim, d.dim).to(device, memory_format=memory_format)
     encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
     model = torch.compile(encoder_q) if args.compile else encoder_q
-    queue = F.normalize(torch.randn(d.dim, args.bank_size, device=device), dim=0)
+    bank = F.normalize(torch.randn(d.dim, args.bank_size, device=device), dim=0)
+    return m, d, encoder_q, encoder_k, model, bank
+
+
+def query_and_shuffled_key(m, d, model, encoder_q, encoder_k, autocast, x_q, x_k, timer: "Timer"):
+    """MoCo / AdCo: q with gradient; EMA, then the key through ShuffleBN, no gradient. Both [N, C] fp32."""
+    with autocast():
+        q = model(x_q)
+    q = F.normalize(q.float(), dim=1)
+    with torch.no_grad():
+        m.momentum_update(encoder_q, encoder_k, d.moco_m)
+        timer.mark("encoders")
+        x_k, idx = m.batch_shuffle(x_k)
+        timer.mark("collectives")
+        with autocast():
+            k = encoder_k(x_k)
+        timer.mark("encoders")
+        k = m.batch_unshuffle(F.normalize(k.float(), dim=1), idx)
+        timer.mark("collectives")
+    return q, k
+
+
+def moco_co2_step(args: Args, device, autocast, memory_format):
+    """One MoCo v2 + CO2 step as moco_co2.main runs it."""
+    m, d, encoder_q, encoder_k, model, queue = build("moco_co2", args, device, memory_format)
     optimizer = torch.optim.SGD(encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     state = {"ptr": 0}
 
     def step(x_q, x_k, timer: Timer):
         timer.start()
-        with autocast():
-            q = model(x_q)
-        q = F.normalize(q.float(), dim=1)
-        with torch.no_grad():
-            m.momentum_update(encoder_q, encoder_k, d.moco_m)
-            timer.mark("encoders")
-            x_k, idx = m.batch_shuffle(x_k)
-            timer.mark("collectives")
-            with autocast():
-                k = encoder_k(x_k)
-            timer.mark("encoders")
-            k = m.batch_unshuffle(F.normalize(k.float(), dim=1), idx)
-            timer.mark("collectives")
+        q, k = query_and_shuffled_key(m, d, model, encoder_q, encoder_k, autocast, x_q, x_k, timer)
         logits, labels = m.infonce_logits(q, k, queue, d.moco_t)
         loss = F.cross_entropy(logits, labels) + d.co2_alpha * m.co2_loss(q, k, queue, d.co2_tau)
         timer.mark("loss")
@@ -133,31 +146,16 @@ def moco_co2_step(args: Args, device, autocast, memory_format):
 
 def adco_step(args: Args, device, autocast, memory_format):
     """One single-crop AdCo step as adco.main runs it (loss + closed-form bank gradient, then the bank step)."""
-    m = importlib.import_module("adco")
-    d = m.Args()
-    encoder_q = m.Encoder(args.arch, False, d.mlp_dim, d.dim).to(device, memory_format=memory_format)
-    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
-    model = torch.compile(encoder_q) if args.compile else encoder_q
-    bank = F.normalize(torch.randn(d.dim, args.bank_size, device=device), dim=0)
+    m, d, encoder_q, encoder_k, model, bank = build("adco", args, device, memory_format)
     velocity = torch.zeros_like(bank)
     optimizer = torch.optim.SGD(encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     labels = m.own_key_labels(args.batch, 0, device)
 
     def step(x_q, x_k, timer: Timer):
         timer.start()
-        with autocast():
-            q = model(x_q)
-        q = F.normalize(q.float(), dim=1)
-        with torch.no_grad():
-            m.momentum_update(encoder_q, encoder_k, d.moco_m)
-            timer.mark("encoders")
-            x_shuffled, idx = m.batch_shuffle(x_k)
-            timer.mark("collectives")
-            with autocast():
-                k = encoder_k(x_shuffled)
-            timer.mark("encoders")
-            k_all = m.concat_all_gather(m.batch_unshuffle(F.normalize(k.float(), dim=1), idx))
-            timer.mark("collectives")
+        q, k = query_and_shuffled_key(m, d, model, encoder_q, encoder_k, autocast, x_q, x_k, timer)
+        k_all = m.concat_all_gather(k)
+        timer.mark("collectives")
         loss, grad, _, _ = m.adco_loss_and_bank_grad([(q, k_all, 1.0)], bank, labels, d.moco_t, d.mem_t)
         timer.mark("loss")  # includes the closed-form bank gradient (see bank_grad_ms for its own time)
         optimizer.zero_grad(set_to_none=True)
@@ -178,12 +176,7 @@ def adco_step(args: Args, device, autocast, memory_format):
 
 def caco_step(args: Args, device, autocast, memory_format):
     """One single-crop (symmetric) CaCo step as caco.main runs it."""
-    m = importlib.import_module("caco")
-    d = m.Args()
-    encoder_q = m.Encoder(args.arch, False, d.mlp_dim, d.dim).to(device, memory_format=memory_format)
-    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
-    model = torch.compile(encoder_q) if args.compile else encoder_q
-    bank = F.normalize(torch.randn(d.dim, args.bank_size, device=device), dim=0)
+    m, d, encoder_q, encoder_k, model, bank = build("caco", args, device, memory_format)
     velocity = torch.zeros_like(bank)
     optimizer = m.LARS(encoder_q.parameters(), lr=1.2, weight_decay=d.weight_decay, momentum=d.momentum,
                        trust=d.lars_trust)
