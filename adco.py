@@ -2,7 +2,7 @@
 
 Paper
     AdCo  "AdCo: Adversarial Contrast for Efficient Learning of Unsupervised Representations from
-          Self-Trained Negative Adversaries", Hu, Wang, Lin, Qi, CVPR 2021, arXiv 2011.08435
+          Self-Trained Negative Adversaries", Hu, Wang, Hu, Qi, CVPR 2021, arXiv 2011.08435
 Official code whose defaults this file follows: maple-research-lab/AdCo @ fd65f12 (training code of 3a8eaa7:
 training/train.py, training/main_worker.py, model/AdCo.py, ops/argparser.py) with the README commands.
 Spec with line references: shared/spec/adco_caco.md, sections 1, 3.1, 4, 6.1, 7, 8.1, 9.

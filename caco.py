@@ -2,7 +2,7 @@
 
 Paper
     CaCo  "CaCo: Both Positive and Negative Samples are Directly Learnable via Cooperative-adversarial
-          Contrastive Learning", Wang, Hu, Lin, Qi (TPAMI 2023), arXiv 2203.14370
+          Contrastive Learning", Wang, Huang, Zeng, Qi (IEEE TPAMI), arXiv 2203.14370
 Official code whose defaults this file follows: maple-research-lab/CaCo @ a72b345 (training code of 083aa03:
 main_worker.py, train_caco.py, init_memory.py, model/CaCo.py), with the README's 200-epoch, global batch
 1024 command (71.3 % linear top-1). Spec with line references: shared/spec/adco_caco.md, sections 2-9.
