@@ -77,7 +77,8 @@ Deviations from the official code (also listed in README.md)
     8. AMP: the encoders run under bf16 autocast on GPUs that support it (fp16 + GradScaler otherwise);
        normalisation, logits, softmax and all bank arithmetic are fp32. Upstream is fp32. --no-amp = fp32.
     9. Checkpoints hold everything for an exact resume (key encoder, bank, bank velocity, optimizer, RNG,
-       position inside the epoch), written by global rank 0 only. Upstream writes on local rank 0 of every
+       position inside the epoch; bitwise with --workers 0, worker augmentation streams restart otherwise),
+       written by global rank 0 only. Upstream writes on local rank 0 of every
        node, loses RNG and sampler state, and its "best" file is simply the latest (inverted is_best).
    10. The metric pos_prob is the τ_m-softmax probability of each query's OWN key, correct on every rank.
        Upstream's mem_losses sums the first N columns, i.e. GPU 0's keys, on every rank. Metrics are averaged
@@ -453,8 +454,11 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     Identity with one process. Warning: all_gather has no gradient; use only on keys / no-grad tensors."""
     if not is_distributed():
         return x
+    # Send and receive buffers must share one memory layout: a channels_last image batch sent into NCHW
+    # buffers (or the reverse) can arrive with scrambled pixels and no error. So gather plain NCHW copies.
+    x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts)
 
 
@@ -477,11 +481,14 @@ def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]
     if not is_distributed():
         return x, None
     rank, world = dist.get_rank(), dist.get_world_size()
-    x_all = concat_all_gather(x)  # [R*N, ...]
+    x_all = concat_all_gather(x)  # [R*N, ...], gathered as plain NCHW
     idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
     dist.broadcast(idx_shuffle, src=0)  # every rank uses rank 0's permutation
     idx_unshuffle = torch.argsort(idx_shuffle)
-    return x_all[idx_shuffle.view(world, -1)[rank]], idx_unshuffle
+    mine = x_all[idx_shuffle.view(world, -1)[rank]]
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        mine = mine.contiguous(memory_format=torch.channels_last)  # back to the caller's (fast) layout
+    return mine, idx_unshuffle
 
 
 @torch.no_grad()

@@ -59,7 +59,8 @@ Deviations from the official code (also listed in README.md)
        gradient ONCE per step (upstream: once per (query, key) pair, 14 times).
     4. AMP: the encoders run under bf16 autocast on GPUs that support it (fp16 + GradScaler otherwise);
        normalisation, logits, softmax and all bank arithmetic are fp32. Upstream is fp32. --no-amp = fp32.
-    5. Exact resume (key encoder, bank and its velocity, optimizer, RNG, position inside the epoch). Upstream
+    5. Exact resume (key encoder, bank and its velocity, optimizer, RNG, position inside the epoch; bitwise
+       with --workers 0, worker augmentation streams restart otherwise). Upstream
        auto-resumes silently from a folder named after the hyper-parameters, and crashes (UnboundLocalError
        on knn_test_acc) resuming at some epochs; here --resume auto is explicit.
     6. The kNN monitor never ends training (upstream calls exit() when its kNN fails after epoch 20). It
@@ -448,8 +449,11 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     Identity with one process. Warning: all_gather has no gradient; use only on keys / no-grad tensors."""
     if not is_distributed():
         return x
+    # Send and receive buffers must share one memory layout: a channels_last image batch sent into NCHW
+    # buffers (or the reverse) can arrive with scrambled pixels and no error. So gather plain NCHW copies.
+    x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts)
 
 

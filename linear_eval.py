@@ -593,8 +593,11 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     Identity with one process. Warning: all_gather has no gradient; use only on keys / no-grad tensors."""
     if not is_distributed():
         return x
+    # Send and receive buffers must share one memory layout: a channels_last image batch sent into NCHW
+    # buffers (or the reverse) can arrive with scrambled pixels and no error. So gather plain NCHW copies.
+    x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts)
 
 

@@ -44,7 +44,9 @@ Deviations from the official code (also listed in README.md)
        --no-amp reproduces fp32.
     5. Checkpoints hold everything needed for an exact resume: the key encoder, the queue and its pointer,
        optimizer, scaler, every rank's RNG state, and the position inside the epoch (--ckpt-every-steps).
-       Official resume restarts the epoch and loses RNG and sampler state.
+       Bitwise exact with --workers 0; with worker processes their augmentation streams restart (their
+       seeds are not checkpointed), which changes no statistic. Official resume restarts the epoch and loses
+       RNG and sampler state.
     6. CO2 has no official code. α = 1 and τ_con = 0.05 are the defaults of the only public
        implementation (lightly's CO2Regularizer), NOT values confirmed from the paper; that implementation
        also (a) includes the positive as a class of P and Q (we use the K negatives only, as the paper's
@@ -297,8 +299,11 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     Identity with one process. Warning: all_gather has no gradient; use only on keys / no-grad tensors."""
     if not is_distributed():
         return x
+    # Send and receive buffers must share one memory layout: a channels_last image batch sent into NCHW
+    # buffers (or the reverse) can arrive with scrambled pixels and no error. So gather plain NCHW copies.
+    x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts)
 
 
@@ -321,11 +326,14 @@ def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]
     if not is_distributed():
         return x, None
     rank, world = dist.get_rank(), dist.get_world_size()
-    x_all = concat_all_gather(x)  # [R*N, ...]
+    x_all = concat_all_gather(x)  # [R*N, ...], gathered as plain NCHW
     idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
     dist.broadcast(idx_shuffle, src=0)  # every rank uses rank 0's permutation
     idx_unshuffle = torch.argsort(idx_shuffle)
-    return x_all[idx_shuffle.view(world, -1)[rank]], idx_unshuffle
+    mine = x_all[idx_shuffle.view(world, -1)[rank]]
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        mine = mine.contiguous(memory_format=torch.channels_last)  # back to the caller's (fast) layout
+    return mine, idx_unshuffle
 
 
 @torch.no_grad()

@@ -28,6 +28,13 @@ x = torch.arange(rank * 8, rank * 8 + 8, dtype=torch.float32).view(8, 1)
 shuffled, idx_unshuffle = moco_co2.batch_shuffle(x)
 restored = moco_co2.batch_unshuffle(shuffled, idx_unshuffle)
 
+# channels_last image batches (the GPU layout) survive the gather: same values, caller's layout kept
+images = (torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4) + 1000 * rank)
+images = images.contiguous(memory_format=torch.channels_last)
+images_shuffled, images_idx = moco_co2.batch_shuffle(images)
+images_ok = (images_shuffled.is_contiguous(memory_format=torch.channels_last)
+             and torch.equal(moco_co2.batch_unshuffle(images_shuffled, images_idx), images))
+
 # kNN feature extraction: 7 images over 2 ranks -> every image exactly once, in dataset order
 data = SyntheticImages(7, 16, transform=eval_transform(16))
 backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
@@ -35,6 +42,6 @@ torch.manual_seed(0)
 backbone[1].reset_parameters()
 feats, labels = extract_features(backbone, data, batch_size=2, device=torch.device("cpu"))
 torch.save({"queue": state["queue"], "queue_ptr": state["queue_ptr"], "gathered": gathered, "x": x,
-            "shuffled": shuffled, "restored": restored, "feats": feats, "labels": labels,
+            "shuffled": shuffled, "restored": restored, "feats": feats, "labels": labels, "images_ok": images_ok,
             "encoder_q": state["encoder_q"].state_dict()}, os.path.join(out, f"rank{rank}.pt"))
 dist.destroy_process_group()

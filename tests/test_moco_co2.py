@@ -115,7 +115,7 @@ def test_two_processes(tmp_path):
     expected = torch.tensor([0.0] * 3 + [1.0] * 3)
     assert torch.equal(r0["gathered"][:, 0], expected) and torch.equal(r1["gathered"][:, 0], expected)
     for r in (r0, r1):
-        assert torch.equal(r["restored"], r["x"])
+        assert torch.equal(r["restored"], r["x"]) and r["images_ok"]
     ids = torch.cat([r0["shuffled"], r1["shuffled"]]).flatten().sort().values
     assert torch.equal(ids, torch.arange(16.0))  # a permutation of the global batch
     assert not torch.equal(r0["shuffled"], r0["x"])  # which actually moved samples
