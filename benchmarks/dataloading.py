@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import tyro

@@ -3,7 +3,6 @@ torch.optim.SGD, LARS against a hand computation, labels from the other view's k
 weights, schedules, two real processes (identical banks), exact resume, every variant end to end, bad inputs."""
 import json
 import math
-import os
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """moco_co2.py: the CO2 term and InfoNCE against explicit formulas and autograd, the queue, the momentum
 encoder, ShuffleBN and gathering across two real processes, end-to-end runs, exact resume, bad inputs."""
 import json
-import os
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 
 import moco_co2
 from common import UserError
-from conftest import ROOT, TINY, assert_state_equal, final_state, load, run_script, run_torchrun, unit
+from conftest import TINY, assert_state_equal, final_state, load, run_script, run_torchrun, unit
 
 
 def co2_reference(q, k, queue, tau):
