@@ -26,6 +26,10 @@ Run it (ImageNet, 200 epochs, ResNet-50, 8 GPUs = the official 8 x 32; linear to
         python adco.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
             --batch-size 16 --bank-size 64 --workers 0 --epochs 2 --out-dir runs/smoke
     Continue an interrupted run: add --resume auto (and --stop-at-step N to end a job cleanly).
+    CIFAR-10, one GPU, ResNet-18 at 32 px (the README's "CIFAR-10 recipe": no blur, K 4096, m 0.99):
+        python adco.py --data data/cifar10 --arch resnet18 --small-stem --image-size 32 --no-blur \
+            --mlp-dim 512 --batch-size 512 --weight-decay 5e-4 --moco-m 0.99 --bank-size 4096 \
+            --knn-every 10 --workers 15 --out-dir runs/cifar10-adco
 
 What this file implements (q: query embedding, with gradient; k: key embedding of the momentum encoder, no
 gradient; k_all: the keys of the WHOLE global batch, gathered in rank order; all unit vectors.
@@ -142,6 +146,8 @@ class Args:
     """number of training images for --dataset synthetic (a quarter as many val images)"""
     image_size: int = 224
     """crop size in pixels (the key crop; multi-crop query crops are image_size x 224/192/160/128/96 / 224)"""
+    blur: bool = True
+    """Gaussian blur (p = 0.5) in every crop's augmentation, as upstream; --no-blur for 32 px images (CIFAR)"""
     workers: int = 8
     """DataLoader worker processes per GPU process"""
 
@@ -218,9 +224,9 @@ class Args:
 
 
 # Arguments that must equal the checkpoint's when resuming (the rest, e.g. --epochs or --workers, may change).
-MUST_MATCH = ("arch", "small_stem", "mlp_dim", "dim", "dataset", "image_size", "batch_size", "lr", "lr_final",
-              "momentum", "weight_decay", "moco_m", "moco_t", "sym", "multi_crop", "bank_size", "mem_t", "mem_lr",
-              "mem_momentum", "mem_wd", "bank_init", "seed")
+MUST_MATCH = ("arch", "small_stem", "mlp_dim", "dim", "dataset", "image_size", "blur", "batch_size", "lr",
+              "lr_final", "momentum", "weight_decay", "moco_m", "moco_t", "sym", "multi_crop", "bank_size", "mem_t",
+              "mem_lr", "mem_momentum", "mem_wd", "bank_init", "seed")
 
 # Multi-crop query crops: (size at --image-size 224, RRC scale range) = MoCo v2's (0.2, 1.0) x size / 224
 # (MultiCrop_Transform.py: 224 (0.2-1), 192 (0.172-0.86), 160 (0.143-0.715), 128 (0.114-0.571), 96 (0.086-0.429)).
@@ -396,16 +402,17 @@ class Encoder(nn.Module):
         return self.head(self.backbone(x))
 
 
-def augmentations(image_size: int, multi_crop: bool = False):
+def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
     """MoCo v2 "aug+" for every crop (main_worker.py L152-165, MultiCrop_Transform.py). Returns the dataset
-    transform: 2 identical-pipeline views, or [key crop, 5 query crops] with --multi-crop."""
+    transform: 2 identical-pipeline views, or [key crop, 5 query crops] with --multi-crop.
+    blur=False drops the Gaussian blur (32 px CIFAR recipe: σ up to 2 px wipes out most of a 32 px crop)."""
 
     def pipeline(size: int, scale: tuple[float, float]) -> T.Compose:
         return T.Compose([
             T.RandomResizedCrop(size, scale=scale),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
             T.RandomGrayscale(p=0.2),
-            T.RandomApply([GaussianBlur(0.1, 2.0)], p=0.5),  # sigma ~ U[0.1, 2.0]
+            *([T.RandomApply([GaussianBlur(0.1, 2.0)], p=0.5)] if blur else []),  # sigma ~ U[0.1, 2.0]
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -703,7 +710,8 @@ def main(args: Args) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
 
     # ---- 3. data: MoCo v2 augmentation; 2 views, or 1 key crop + 5 query crops (augmentations()) ---------
-    train_set = make_dataset(args.dataset, args.data, "train", augmentations(args.image_size, args.multi_crop),
+    train_set = make_dataset(args.dataset, args.data, "train",
+                             augmentations(args.image_size, args.multi_crop, args.blur),
                              args.synthetic_images, args.image_size, args.seed)
     loader = make_loader(train_set, batch_per_rank, rank, world, args.workers, args.seed)
     steps_per_epoch = len(loader.sampler) // batch_per_rank

@@ -20,6 +20,10 @@ Run it
         python caco.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
             --batch-size 16 --bank-size 64 --workers 0 --epochs 2 --out-dir runs/smoke
     Continue an interrupted run: add --resume auto (also: --stop-at-step N to end a job cleanly).
+    CIFAR-10, one GPU, ResNet-18 at 32 px (the README's "CIFAR-10 recipe": no blur, K 4096):
+        python caco.py --data data/cifar10 --arch resnet18 --small-stem --image-size 32 --no-blur \
+            --mlp-dim 512 --batch-size 512 --bank-size 4096 --knn-every 10 --knn-k 200 --knn-t 0.1 \
+            --workers 15 --out-dir runs/cifar10-caco
 
 What this file implements (q: query embedding (gradient), t: momentum key (no gradient), all unit vectors;
 W: the bank [C, K], un-normalised; n_k = W_k / ||W_k|| its k-th normalised column)
@@ -133,6 +137,8 @@ class Args:
     """number of training images for --dataset synthetic (a quarter as many val images)"""
     image_size: int = 224
     """crop size in pixels (the big crops; multi-crop small crops are image_size x 96/224)"""
+    blur: bool = True
+    """Gaussian blur in the augmentation (upstream probabilities); --no-blur for 32 px images (CIFAR recipe)"""
     workers: int = 8
     """DataLoader worker processes per GPU process"""
     multi_crop: bool = False
@@ -214,8 +220,8 @@ class Args:
 
 
 # Arguments that must equal the checkpoint's when resuming (the rest, e.g. --epochs or --workers, may change).
-MUST_MATCH = ("arch", "small_stem", "mlp_dim", "dim", "dataset", "image_size", "multi_crop", "batch_size", "lr",
-              "lr_final", "warmup_epochs", "momentum", "weight_decay", "lars_trust", "moco_m", "moco_m_cos",
+MUST_MATCH = ("arch", "small_stem", "mlp_dim", "dim", "dataset", "image_size", "blur", "multi_crop", "batch_size",
+              "lr", "lr_final", "warmup_epochs", "momentum", "weight_decay", "lars_trust", "moco_m", "moco_m_cos",
               "moco_t", "mem_t", "bank_size", "mem_lr", "mem_lr_final", "mem_momentum", "bank_init", "init_t",
               "init_lr", "seed")
 
@@ -394,13 +400,15 @@ class Encoder(nn.Module):
         return self.head(self.backbone(x))
 
 
-def augmentations(image_size: int, multi_crop: bool = False):
-    """The crop transform: [view1, view2] (single crop) or 2 big + 6 small crops (multi-crop)."""
+def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
+    """The crop transform: [view1, view2] (single crop) or 2 big + 6 small crops (multi-crop).
+    blur=False drops the Gaussian blur (32 px CIFAR recipe: σ up to 2 px wipes out most of a 32 px crop)."""
     def pipeline(size, scale, jitter_hue_sat, blur_p, solarize_p):
         ops = [T.RandomResizedCrop(size, scale=scale),
                T.RandomApply([T.ColorJitter(0.4, 0.4, jitter_hue_sat, 0.1)], p=0.8),  # brightness, contrast, sat, hue
-               T.RandomGrayscale(p=0.2),
-               T.RandomApply([GaussianBlur(0.1, 2.0)], p=blur_p)]  # sigma ~ U[0.1, 2.0]
+               T.RandomGrayscale(p=0.2)]
+        if blur:
+            ops.append(T.RandomApply([GaussianBlur(0.1, 2.0)], p=blur_p))  # sigma ~ U[0.1, 2.0]
         if solarize_p > 0:
             ops.append(T.RandomApply([Solarize(128)], p=solarize_p))
         return T.Compose(ops + [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -654,7 +662,8 @@ def main(args: Args) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
 
     # ---- 3. data: asymmetric BYOL-style views, or 2 + 6 multi-crops (values in augmentations()) ---------
-    train_set = make_dataset(args.dataset, args.data, "train", augmentations(args.image_size, args.multi_crop),
+    train_set = make_dataset(args.dataset, args.data, "train",
+                             augmentations(args.image_size, args.multi_crop, args.blur),
                              args.synthetic_images, args.image_size, args.seed)
     loader = make_loader(train_set, batch_per_rank, rank, world, args.workers, args.seed)
     steps_per_epoch = len(loader.sampler) // batch_per_rank

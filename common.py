@@ -10,7 +10,7 @@ Contents
     build_resnet               torchvision ResNet without fc (+ optional 3x3 small-image stem)
     GaussianBlur, Solarize     PIL operators used inside torchvision pipelines (torch RNG, so seeded runs repeat)
     TwoCrops, MultiCrop        apply several pipelines to one image
-    eval_transform             Resize(size*256/224) + CenterCrop(size) + normalise (val / kNN / linear eval)
+    eval_transform             Resize(size*256/224; small images whole) + CenterCrop + normalise (val / kNN)
     SyntheticImages            deterministic labelled fake images (no download; smoke runs and tests)
     make_dataset               `imagefolder` (ImageNet layout) or `synthetic`, with clear errors
     ResumableSampler, make_loader   DistributedSampler that can restart mid-epoch; DataLoader factory
@@ -118,9 +118,11 @@ class MultiCrop:
 
 
 def eval_transform(image_size: int) -> T.Compose:
-    """Resize the short side to size*256/224, centre-crop `size` (ImageNet: 256 -> 224; 32 px: 36 -> 32)."""
+    """Resize the short side, centre-crop `size`, normalise. The resize is size*256/224 (ImageNet: 256 -> 224)
+    above 64 px; small images (size <= 64, e.g. 32 px CIFAR) are resized to `size` and used whole, as CIFAR
+    kNN monitors do (MoCo's CIFAR-10 demo, lightly): 32 -> 36 -> 32 would drop a fifth of the pixels."""
     return T.Compose([
-        T.Resize(int(round(image_size * 256 / 224))),
+        T.Resize(image_size if image_size <= 64 else int(round(image_size * 256 / 224))),
         T.CenterCrop(image_size),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

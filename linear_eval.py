@@ -163,7 +163,8 @@ class Args:
     synthetic_images: int = 256
     """number of training images for --dataset synthetic (a quarter as many val images)"""
     image_size: int = 224
-    """train crop / val centre-crop size in pixels (val resizes the short side to size x 256/224 first)"""
+    """train crop / val centre-crop size in pixels (val resizes the short side to size x 256/224 first; to size
+    at <= 64 px)"""
     workers: int = 8
     """DataLoader worker processes per GPU process"""
 

@@ -20,6 +20,10 @@ Run it
         python moco_co2.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
             --batch-size 16 --queue-size 64 --workers 0 --epochs 2 --out-dir runs/smoke
     plain MoCo v2: add --co2-alpha 0.  Continue an interrupted run: add --resume auto.
+    CIFAR-10, one GPU, ResNet-18 at 32 px (the README's "CIFAR-10 recipe": no blur, K 4096, m 0.99, τ 0.1):
+        python moco_co2.py --data data/cifar10 --arch resnet18 --small-stem --image-size 32 --no-blur \
+            --mlp-dim 512 --batch-size 512 --weight-decay 5e-4 --moco-m 0.99 --moco-t 0.1 --queue-size 4096 \
+            --knn-every 10 --workers 15 --out-dir runs/cifar10-moco-co2
 
 What this file implements (q: query embedding, k: key embedding, n_j: queue entries; all unit vectors)
     encoders   f_q = ResNet + MLP head (2048-2048-128, ReLU, no BN); f_k = EMA copy, θ_k <- m θ_k + (1-m) θ_q
@@ -107,6 +111,8 @@ class Args:
     """number of training images for --dataset synthetic (a quarter as many val images)"""
     image_size: int = 224
     """crop size in pixels (the RandomResizedCrop output)"""
+    blur: bool = True
+    """Gaussian blur (p = 0.5) in the augmentation, as MoCo v2; --no-blur for 32 px images (CIFAR recipe)"""
     workers: int = 8
     """DataLoader worker processes per GPU process"""
 
@@ -170,8 +176,8 @@ class Args:
 
 
 # Arguments that must equal the checkpoint's when resuming (the rest, e.g. --epochs or --workers, may change).
-MUST_MATCH = ("arch", "small_stem", "mlp_dim", "dim", "dataset", "image_size", "batch_size", "lr", "momentum",
-              "weight_decay", "moco_m", "moco_t", "queue_size", "co2_alpha", "co2_tau", "seed")
+MUST_MATCH = ("arch", "small_stem", "mlp_dim", "dim", "dataset", "image_size", "blur", "batch_size", "lr",
+              "momentum", "weight_decay", "moco_m", "moco_t", "queue_size", "co2_alpha", "co2_tau", "seed")
 
 
 # =====================================================================================================
@@ -235,13 +241,17 @@ def enqueue(queue: torch.Tensor, ptr: int, k_all: torch.Tensor) -> int:
     return (ptr + batch) % size
 
 
-def augmentations(image_size: int) -> TwoCrops:
-    """MoCo v2 "aug+" (main_moco.py L225-235): the same random pipeline draws the query and the key view."""
+def augmentations(image_size: int, blur: bool = True) -> TwoCrops:
+    """MoCo v2 "aug+" (main_moco.py L225-235): the same random pipeline draws the query and the key view.
+
+    blur=False drops the Gaussian blur, the one change of the 32 px CIFAR recipe (the MoCo CIFAR-10 demo and
+    lightly's CIFAR-10 benchmark do the same): σ up to 2 px wipes out most of a 32 px crop.
+    """
     augmentation = T.Compose([
         T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
         T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur(0.1, 2.0)], p=0.5),  # sigma ~ U[0.1, 2.0]
+        *([T.RandomApply([GaussianBlur(0.1, 2.0)], p=0.5)] if blur else []),  # sigma ~ U[0.1, 2.0]
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -540,8 +550,8 @@ def main(args: Args) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
 
     # ---- 3. data ----------------------------------------------------------------------------------------
-    train_set = make_dataset(args.dataset, args.data, "train", augmentations(args.image_size), args.synthetic_images,
-                             args.image_size, args.seed)
+    train_set = make_dataset(args.dataset, args.data, "train", augmentations(args.image_size, args.blur),
+                             args.synthetic_images, args.image_size, args.seed)
     loader = make_loader(train_set, batch_per_rank, rank, world, args.workers, args.seed)
     steps_per_epoch = len(loader.sampler) // batch_per_rank
     knn_sets = None

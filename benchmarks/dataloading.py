@@ -6,7 +6,7 @@ the method file, so the numbers are for exactly the pipeline that trains), and t
 DataLoader for several worker counts. Use it to size --workers: a GPU that trains at X img/s needs about
 X / (img/s per worker) workers.
 
-    python benchmarks/dataloading.py --data data/cifar10 --image-size 32 --workers 1 2
+    python benchmarks/dataloading.py --data data/cifar10 --image-size 32 --no-blur --workers 1 2
     python benchmarks/dataloading.py --data /path/to/imagenet --image-size 224 --workers 4 8 --json
 """
 import importlib
@@ -32,6 +32,8 @@ class Args:
     """pipelines to time: <script> or <script>-multi-crop"""
     image_size: int = 224
     """crop size passed to the method's transform (multi-crop sizes scale with it)"""
+    blur: bool = True
+    """Gaussian blur as in the ImageNet recipes; --no-blur for the CIFAR-10 recipe (README)"""
     workers: list[int] = field(default_factory=lambda: [1, 2])
     """worker counts to time"""
     batch_size: int = 64
@@ -42,20 +44,20 @@ class Args:
     """print one JSON object per setting instead of a table"""
 
 
-def transform_for(name: str, image_size: int):
-    """The method file's own augmentations(image_size[, multi_crop]): exactly the pipeline that trains."""
+def transform_for(name: str, image_size: int, blur: bool = True):
+    """The method file's own augmentations(image_size[, multi_crop], blur): exactly the pipeline that trains."""
     script, _, variant = name.partition("-")
     module = importlib.import_module(script)
     if variant == "multi-crop":
-        return module.augmentations(image_size, multi_crop=True)
-    return module.augmentations(image_size)
+        return module.augmentations(image_size, multi_crop=True, blur=blur)
+    return module.augmentations(image_size, blur=blur)
 
 
 def main(args: Args) -> list[dict]:
     rows = []
     for name in args.methods:
         try:
-            transform = transform_for(name, args.image_size)
+            transform = transform_for(name, args.image_size, args.blur)
         except (ImportError, AttributeError, TypeError) as e:
             print(f"skipping {name}: {e}", file=sys.stderr)
             continue
@@ -71,7 +73,7 @@ def main(args: Args) -> list[dict]:
                 views, _ = next(it)
             seconds = time.perf_counter() - start
             images = args.batches * args.batch_size
-            rows.append({"pipeline": name, "image_size": args.image_size, "workers": workers,
+            rows.append({"pipeline": name, "image_size": args.image_size, "blur": args.blur, "workers": workers,
                          "views": len(views), "img_per_s": images / seconds,
                          "img_per_s_per_worker": images / seconds / max(workers, 1),
                          "torch_threads": torch.get_num_threads()})
@@ -80,9 +82,10 @@ def main(args: Args) -> list[dict]:
         for row in rows:
             print(json.dumps(row))
     else:
-        print(f"{'pipeline':<18}{'size':>6}{'views':>7}{'workers':>9}{'img/s':>10}{'img/s/worker':>14}")
+        print(f"{'pipeline':<18}{'size':>6}{'blur':>6}{'views':>7}{'workers':>9}{'img/s':>10}{'img/s/worker':>14}")
         for r in rows:
-            print(f"{r['pipeline']:<18}{r['image_size']:>6}{r['views']:>7}{r['workers']:>9}"
+            print(f"{r['pipeline']:<18}{r['image_size']:>6}{'yes' if r['blur'] else 'no':>6}{r['views']:>7}"
+                  f"{r['workers']:>9}"
                   f"{r['img_per_s']:>10.0f}{r['img_per_s_per_worker']:>14.0f}")
     return rows
 

@@ -27,9 +27,9 @@ def _env(extra=None):
     return env
 
 
-def run_script(script, *args, check=True, timeout=600, env=None):
-    """`python <script> args...` from the repo root. Returns the CompletedProcess (stdout/stderr as text)."""
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=_env(env),
+def run_script(script, *args, check=True, timeout=600, env=None, cwd=ROOT):
+    """`python <script> args...` from the repo root (or `cwd`). Returns the CompletedProcess (text output)."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=_env(env),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"

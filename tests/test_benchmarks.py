@@ -31,3 +31,6 @@ def test_dataloading_times_each_pipeline(tmp_path):
                             image_size=32, workers=[0], batch_size=2, batches=2, json=True)
     rows = dataloading.main(args)
     assert [r["views"] for r in rows] == [2, 6, 8] and all(r["img_per_s"] > 0 for r in rows)
+    args.blur, args.methods = False, ["caco"]
+    (row,) = dataloading.main(args)
+    assert row["blur"] is False and row["views"] == 2
