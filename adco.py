@@ -29,7 +29,7 @@ Run it (ImageNet, 200 epochs, ResNet-50, 8 GPUs = the official 8 x 32; linear to
     CIFAR-10, one GPU, ResNet-18 at 32 px (the README's "CIFAR-10 recipe": no blur, K 4096, m 0.99):
         python adco.py --data data/cifar10 --arch resnet18 --small-stem --image-size 32 --no-blur \
             --mlp-dim 512 --batch-size 512 --weight-decay 5e-4 --moco-m 0.99 --bank-size 4096 \
-            --knn-every 10 --workers 15 --out-dir runs/cifar10-adco
+            --bn-splits 8 --knn-every 10 --workers 15 --out-dir runs/cifar10-adco
 
 What this file implements (q: query embedding, with gradient; k: key embedding of the momentum encoder, no
 gradient; k_all: the keys of the WHOLE global batch, gathered in rank order; all unit vectors.
@@ -67,7 +67,8 @@ Deviations from the official code (also listed in README.md)
     2. Labels are global_rank*N + i. Upstream uses the LOCAL GPU index (train.py L42-44, 94-96, 165-167): on
        every node but the first, each query's "positive" is another node's key. Single-node runs agree.
     3. torchrun (or plain python) instead of mp.spawn + --dist-url; one process and CPU are supported.
-       With one process ShuffleBN has nothing to shuffle and is skipped (a message says so).
+       With one process ShuffleBN permutes the batch locally, which matters only with --bn-splits S (BN over
+       S interleaved sub-batches, as on S GPUs; MoCo's CIFAR-10 demo). A message says so when S = 1.
     4. The bank is created from --seed, so it is identical on every rank even with --no-bank-init
        (upstream: unseeded randn per rank, never synchronised). It lives outside DDP and changes only by
        all-reduced gradients and gathered keys.
@@ -156,6 +157,9 @@ class Args:
     """backbone (torchvision, random init)"""
     small_stem: bool = False
     """3x3 stride-1 conv1 and no max-pool: the usual stem for 32 px images (CIFAR)"""
+    bn_splits: int = 1
+    """S > 1: training-mode BN over S interleaved sub-batches per process, as on S GPUs, so ShuffleBN works on
+    one GPU (MoCo's CIFAR-10 demo; the CIFAR recipe uses 8). 1: plain BN"""
     mlp_dim: int = 2048
     """hidden width of the projection head (feat -> mlp_dim -> ReLU -> dim; biases, no BN, as upstream)"""
     dim: int = 128
@@ -224,7 +228,7 @@ class Args:
 
 
 # Arguments that must equal the checkpoint's when resuming (the rest, e.g. --epochs or --workers, may change).
-MUST_MATCH = ("arch", "small_stem", "mlp_dim", "dim", "dataset", "image_size", "blur", "batch_size", "lr",
+MUST_MATCH = ("arch", "small_stem", "bn_splits", "mlp_dim", "dim", "dataset", "image_size", "blur", "batch_size", "lr",
               "lr_final", "momentum", "weight_decay", "moco_m", "moco_t", "sym", "multi_crop", "bank_size", "mem_t",
               "mem_lr", "mem_momentum", "mem_wd", "bank_init", "seed")
 
@@ -480,33 +484,74 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 # >>> shared: shuffle-bn
 @torch.no_grad()
-def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ShuffleBN, step 1 (MoCo section 3.3): gather the key images of all ranks, permute them with rank 0's
     random permutation, give each rank one slice. The key encoder's per-GPU BN then sees a random subset
     of the global batch, so BN statistics cannot leak which key belongs to which query.
-    Returns (this rank's shuffled images [N, ...], the inverse permutation). A no-op with one process."""
+    One process: a local permutation, which changes BN only together with --bn-splits (SplitBatchNorm2d).
+    Returns (this rank's shuffled images [N, ...], the inverse permutation)."""
     if not is_distributed():
-        return x, None
-    rank, world = dist.get_rank(), dist.get_world_size()
-    x_all = concat_all_gather(x)  # [R*N, ...], gathered as plain NCHW
-    idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
-    dist.broadcast(idx_shuffle, src=0)  # every rank uses rank 0's permutation
-    idx_unshuffle = torch.argsort(idx_shuffle)
-    mine = x_all[idx_shuffle.view(world, -1)[rank]]
+        idx_shuffle = torch.randperm(x.shape[0], device=x.device)
+        mine, idx_unshuffle = x[idx_shuffle], torch.argsort(idx_shuffle)
+    else:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        x_all = concat_all_gather(x)  # [R*N, ...], gathered as plain NCHW
+        idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
+        dist.broadcast(idx_shuffle, src=0)  # every rank uses rank 0's permutation
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        mine = x_all[idx_shuffle.view(world, -1)[rank]]
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         mine = mine.contiguous(memory_format=torch.channels_last)  # back to the caller's (fast) layout
     return mine, idx_unshuffle
 
 
 @torch.no_grad()
-def batch_unshuffle(x: torch.Tensor, idx_unshuffle: Optional[torch.Tensor]) -> torch.Tensor:
+def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
     """ShuffleBN, step 2: gather the shuffled key features and return this rank's own samples, in their
-    original order (so k_i again belongs to q_i). A no-op with one process."""
-    if idx_unshuffle is None:
-        return x
+    original order (so k_i again belongs to q_i)."""
+    if not is_distributed():
+        return x[idx_unshuffle]
     rank, world = dist.get_rank(), dist.get_world_size()
     x_all = concat_all_gather(x)  # [R*N, C] in shuffled order
     return x_all[idx_unshuffle.view(world, -1)[rank]]
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """Training-mode BN over S interleaved sub-batches (samples n with n mod S = s), so that one process
+    behaves like S GPUs with per-GPU BN and ShuffleBN can work without DDP (--bn-splits S; the MoCo
+    authors' CIFAR-10 demo uses S = 8). The running statistics are the mean of the S sub-batches' updates.
+    Eval mode is plain BN. Same parameters and buffers as nn.BatchNorm2d: checkpoints do not change."""
+
+    def __init__(self, bn: nn.BatchNorm2d, splits: int):
+        super().__init__(bn.num_features, bn.eps, bn.momentum, device=bn.weight.device)
+        self.load_state_dict(bn.state_dict())
+        self.splits = splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        s = self.splits
+        # [n, c, h, w] -> [n/s, s*c, h, w]: sample a*s + j lands in channel block j, so BN over block j is BN
+        # over the sub-batch {n : n mod s = j}; weights and running statistics are repeated per block.
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        y = F.batch_norm(x.reshape(n // s, s * c, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
+                         True, self.momentum, self.eps)
+        with torch.no_grad():  # F.batch_norm updated the repeated copies in place: average the s blocks
+            self.running_mean.copy_(mean.view(s, c).mean(dim=0))
+            self.running_var.copy_(var.view(s, c).mean(dim=0))
+            self.num_batches_tracked.add_(1)
+        return y.reshape(n, c, h, w)
+
+
+def use_split_bn(module: nn.Module, splits: int) -> nn.Module:
+    """Replaces every nn.BatchNorm2d inside `module` by a SplitBatchNorm2d with the same state (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm2d):
+            setattr(module, name, SplitBatchNorm2d(child, splits))
+        else:
+            use_split_bn(child, splits)
+    return module
 # <<< shared: shuffle-bn
 
 
@@ -684,6 +729,8 @@ def main(args: Args) -> dict:
         raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the "
                         f"{world} processes")
     batch_per_rank = args.batch_size // world
+    if args.bn_splits < 1 or batch_per_rank % args.bn_splits:
+        raise UserError(f"--bn-splits {args.bn_splits} must be >= 1 and divide the per-process batch {batch_per_rank}")
     if args.sym and args.multi_crop:
         raise UserError("--sym with --multi-crop is not supported (upstream: 'we have yet to support multi crop "
                         "with symmetrical loss'); choose one")
@@ -732,6 +779,8 @@ def main(args: Args) -> dict:
 
     # ---- 4. model, bank, optimizer ----------------------------------------------------------------------
     encoder_q = Encoder(args.arch, args.small_stem, args.mlp_dim, args.dim).to(device)
+    if args.bn_splits > 1:
+        use_split_bn(encoder_q.backbone, args.bn_splits)  # before the copy: f_k gets split BN too
     encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # θ_k = θ_q at start (AdCo.py L33-35)
     if device.type == "cuda" and args.channels_last:
         encoder_q.to(memory_format=torch.channels_last)
@@ -786,9 +835,9 @@ def main(args: Args) -> dict:
                                if ckpt is None else "restored from checkpoint",
         "resumed from": f"{resume_path} (epoch {start_epoch}, batch {start_batch})" if ckpt else "-",
     })
-    if world == 1:
-        console.print("one process: ShuffleBN has nothing to shuffle across and is skipped "
-                      "(the key encoder's BN sees the same batch order as the query encoder's)")
+    if world == 1 and args.bn_splits == 1:
+        console.print("one process with --bn-splits 1: ShuffleBN cannot hide the key batch from BN (one BN "
+                      "batch for all keys); on one GPU use --bn-splits 8 (as on 8 GPUs)")
 
     if ckpt is None and args.bank_init:
         # Bank initialisation (train.py L247-305): K/B steps of MoCo-style training, own key as the only

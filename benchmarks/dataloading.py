@@ -4,9 +4,11 @@ A benchmark, not a test: it reads real JPEGs from an ImageFolder tree (e.g. the 
 shared/data/npz_to_imagefolder.py, or ImageNet), builds each method's own training transform (imported from
 the method file, so the numbers are for exactly the pipeline that trains), and times batches coming out of a
 DataLoader for several worker counts. Use it to size --workers: a GPU that trains at X img/s needs about
-X / (img/s per worker) workers.
+X / (img/s per worker) workers. --per-op instead times every operator of the pipeline in this process (where
+a worker's time goes; useful before adding an augmentation to a fork).
 
     python benchmarks/dataloading.py --data data/cifar10 --image-size 32 --no-blur --workers 1 2
+    python benchmarks/dataloading.py --data data/cifar10 --image-size 32 --no-blur --per-op --methods moco_co2
     python benchmarks/dataloading.py --data /path/to/imagenet --image-size 224 --workers 4 8 --json
 """
 import importlib
@@ -17,10 +19,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torchvision.transforms as T
 import tyro
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import make_dataset, make_loader  # noqa: E402
+from common import MultiCrop, make_dataset, make_loader  # noqa: E402
 
 
 @dataclass
@@ -40,6 +43,10 @@ class Args:
     """images per batch (one process)"""
     batches: int = 30
     """timed batches per setting (after 3 warm-up batches, so worker start-up is excluded)"""
+    per_op: bool = False
+    """time each operator of each pipeline in this process (µs per image, all views) instead of a DataLoader"""
+    per_op_images: int = 500
+    """--per-op: images timed (after 50 warm-up images)"""
     json: bool = False
     """print one JSON object per setting instead of a table"""
 
@@ -53,8 +60,49 @@ def transform_for(name: str, image_size: int, blur: bool = True):
     return module.augmentations(image_size, blur=blur)
 
 
+def time_operators(name: str, transform, dataset, images: int) -> dict:
+    """µs per image spent in each operator (summed over the views; RandomApply counted with its probability,
+    as in training) and in reading + decoding the JPEG, one process, one thread."""
+    views = transform.pipelines if isinstance(transform, MultiCrop) else [transform.first, transform.second]
+    for i in range(50):  # warm-up: the first calls of some operators pay one-time set-up costs
+        transform(dataset[i % len(dataset)][0])
+    spent: dict[str, float] = {"read + decode JPEG": 0.0}
+    for i in range(50, 50 + images):
+        start = time.perf_counter()
+        img = dataset[i % len(dataset)][0]
+        spent["read + decode JPEG"] += time.perf_counter() - start
+        for view in views:
+            x = img
+            for op in view.transforms:
+                label = type(op).__name__
+                if isinstance(op, T.RandomApply):
+                    label = f"{type(op.transforms[0]).__name__} (p={op.p:g})"
+                start = time.perf_counter()
+                x = op(x)
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+    total = sum(spent.values())
+    return {"pipeline": name, "views": len(views), "images": images,
+            "us_per_image": {k: 1e6 * v / images for k, v in spent.items()},
+            "share": {k: v / total for k, v in spent.items()}, "img_per_s": images / total}
+
+
 def main(args: Args) -> list[dict]:
     rows = []
+    if args.per_op:
+        torch.set_num_threads(1)  # as in a DataLoader worker
+        for name in args.methods:
+            dataset = make_dataset("imagefolder", args.data, "train", None)
+            rows.append(time_operators(name, transform_for(name, args.image_size, args.blur), dataset,
+                                       args.per_op_images))
+        for row in rows:
+            if args.json:
+                print(json.dumps(row))
+                continue
+            print(f"{row['pipeline']} ({row['views']} views, {row['images']} images, one process): "
+                  f"{row['img_per_s']:.0f} img/s")
+            for label, us in sorted(row["us_per_image"].items(), key=lambda kv: -kv[1]):
+                print(f"  {label:<28}{us:>9.1f} µs/img{100 * row['share'][label]:>7.1f} %")
+        return rows
     for name in args.methods:
         try:
             transform = transform_for(name, args.image_size, args.blur)

@@ -34,3 +34,16 @@ def test_dataloading_times_each_pipeline(tmp_path):
     args.blur, args.methods = False, ["caco"]
     (row,) = dataloading.main(args)
     assert row["blur"] is False and row["views"] == 2
+
+
+def test_dataloading_per_operator_times_every_operator(tmp_path):
+    (tmp_path / "train" / "c0").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (40, 40), (60 * i, 20, 90)).save(tmp_path / "train" / "c0" / f"{i}.jpg")
+    args = dataloading.Args(data=str(tmp_path), methods=["moco_co2", "caco"], image_size=32, per_op=True,
+                            per_op_images=3, json=True)
+    moco, caco = dataloading.main(args)
+    assert moco["views"] == 2 and abs(sum(moco["share"].values()) - 1) < 1e-9
+    assert {"ColorJitter (p=0.8)", "GaussianBlur (p=0.5)", "RandomResizedCrop", "read + decode JPEG",
+            "Normalize"} <= set(moco["us_per_image"])
+    assert "Solarize (p=0.2)" in caco["us_per_image"]

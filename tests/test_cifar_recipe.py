@@ -16,7 +16,7 @@ from conftest import ROOT, load, run_script
 
 SCRIPTS = {"moco_co2.py", "adco.py", "caco.py", "linear_eval.py"}
 # Only sizes shrink; every other flag of the README command is kept as printed.
-TINY_SIZES = {"--epochs": "1", "--batch-size": "8", "--queue-size": "32", "--bank-size": "32", "--workers": "0",
+TINY_SIZES = {"--epochs": "1", "--batch-size": "16", "--queue-size": "32", "--bank-size": "32", "--workers": "0",
               "--knn-every": "1"}
 
 
@@ -88,7 +88,7 @@ def test_readme_cifar_commands_run_as_printed(tmp_path):
     commands = readme_recipe_commands()
     scripts = [c[1] for c in commands if c[0] == "python" and c[1] in SCRIPTS]
     assert scripts.count("moco_co2.py") == 2 and {"adco.py", "caco.py", "linear_eval.py"} <= set(scripts)
-    for split, n in (("train", 8), ("test", 4)):  # the layout npz_to_imagefolder.py writes: train/ and test/
+    for split, n in (("train", 16), ("test", 4)):  # the layout npz_to_imagefolder.py writes: train/ and test/
         for c in range(2):
             folder = tmp_path / "data" / "cifar10" / split / f"class{c}"
             folder.mkdir(parents=True)
@@ -107,6 +107,7 @@ def test_readme_cifar_commands_run_as_printed(tmp_path):
             out = tmp_path / tokens[tokens.index("--out-dir") + 1]
             ckpt = load(out / "last.pt")
             assert ckpt["next_epoch"] == 1 and ckpt["args"]["blur"] is False and ckpt["args"]["small_stem"]
+            assert ckpt["args"].get("bn_splits", 8) == 8  # moco_co2 and adco; caco has no ShuffleBN
             assert "knn_top1" in (out / "metrics.jsonl").read_text()
     knn_outputs = [stdout for tokens, stdout in ran if tokens[1] == "linear_eval.py"]
     assert len(knn_outputs) == 2 and all("kNN (k=200, T=0.1" in s for s in knn_outputs)

@@ -93,11 +93,66 @@ def test_momentum_update():
     assert all(torch.equal(a, b) for a, b in zip(q_net.parameters(), k_net.parameters()))
 
 
-def test_single_process_collectives_are_identities():
-    x = torch.randn(4, 3)
+def test_single_process_gather_is_identity_and_shuffle_a_local_permutation():
+    x = torch.arange(16.0).view(16, 1, 1, 1).expand(16, 3, 2, 2).contiguous(memory_format=torch.channels_last)
     assert moco_co2.concat_all_gather(x) is x
     shuffled, idx = moco_co2.batch_shuffle(x)
-    assert shuffled is x and idx is None and moco_co2.batch_unshuffle(x, None) is x
+    assert torch.equal(shuffled[:, 0, 0, 0].sort().values, torch.arange(16.0))  # a permutation of the batch
+    assert not torch.equal(shuffled, x)  # that moves samples
+    assert shuffled.is_contiguous(memory_format=torch.channels_last)  # in the caller's layout
+    assert torch.equal(moco_co2.batch_unshuffle(shuffled, idx), x)
+
+
+def split_bn_reference(x, weight, bias, mean, var, splits, momentum=0.1, eps=1e-5):
+    """S separate plain training-mode BNs on x[j::S] (shared affine), outputs put back in place; running
+    statistics = mean over j of each BN's own update."""
+    out = torch.empty_like(x)
+    means, vars_ = [], []
+    for j in range(splits):
+        m, v = mean.clone(), var.clone()
+        out[j::splits] = F.batch_norm(x[j::splits], m, v, weight, bias, True, momentum, eps)
+        means.append(m), vars_.append(v)
+    return out, torch.stack(means).mean(0), torch.stack(vars_).mean(0)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_split_batchnorm_is_bn_per_interleaved_sub_batch(splits):
+    g = torch.Generator().manual_seed(splits)
+    x = torch.randn(8, 3, 5, 5, generator=g, dtype=torch.float64) * 2 + 1
+    bn = torch.nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g), bn.bias.uniform_(-1, 1, generator=g)
+        bn.running_mean.uniform_(-1, 1, generator=g), bn.running_var.uniform_(0.5, 2, generator=g)
+    split = moco_co2.SplitBatchNorm2d(bn, splits).double()
+    assert set(split.state_dict()) == set(bn.state_dict())
+    weight = bn.weight.detach().clone().requires_grad_()
+    bias = bn.bias.detach().clone().requires_grad_()
+    xr, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, ref_mean, ref_var = split_bn_reference(xr, weight, bias, bn.running_mean, bn.running_var, splits)
+    out = split(xs)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(split.running_mean, ref_mean)
+    torch.testing.assert_close(split.running_var, ref_var)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (ref * w).sum().backward()
+    (out * w).sum().backward()
+    torch.testing.assert_close(xs.grad, xr.grad)
+    torch.testing.assert_close(split.weight.grad, weight.grad)
+    torch.testing.assert_close(split.bias.grad, bias.grad)
+    if splits > 1:  # different from one BN over the whole batch
+        assert not torch.allclose(out, F.batch_norm(x, None, None, bn.weight, bn.bias, True))
+    split.eval(), bn.eval()
+    split.running_mean.copy_(bn.running_mean), split.running_var.copy_(bn.running_var)
+    torch.testing.assert_close(split(x), bn(x))  # eval: plain BN with the running statistics
+
+
+def test_use_split_bn_keeps_every_weight_and_key():
+    encoder = moco_co2.Encoder("resnet18", True, 64, 16)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    moco_co2.use_split_bn(encoder.backbone, 4)
+    bns = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(isinstance(m, moco_co2.SplitBatchNorm2d) and m.splits == 4 for m in bns)
+    assert_state_equal(encoder.state_dict(), before)
 
 
 def test_two_processes(tmp_path):
@@ -192,6 +247,8 @@ def test_size_errors(tmp_path):
         moco_co2.main(tiny_args(tmp_path, synthetic_images=8))
     with pytest.raises(UserError, match="does not exist"):
         moco_co2.main(tiny_args(tmp_path, dataset="imagefolder", data=str(tmp_path / "imagenet")))
+    with pytest.raises(UserError, match="--bn-splits 3 must be >= 1 and divide the per-process batch 16"):
+        moco_co2.main(tiny_args(tmp_path, bn_splits=3))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
