@@ -17,6 +17,8 @@ co2_loss, enqueue, bank_grad, ...), in the order its main() calls them; data loa
     python benchmarks/throughput.py --method moco_co2 --arch resnet18 --image-size 32 --batch 16 --device cpu
     python benchmarks/throughput.py --method adco --sweep            # GPU: fp32 vs bf16 vs +channels_last vs +compile
     python benchmarks/throughput.py --method caco --batch 128 --json
+    python benchmarks/throughput.py --method moco_co2 --arch resnet18 --small-stem --mlp-dim 512 --image-size 32 \
+        --batch 512 --bank-size 4096 --bn-splits 8 --sweep   # the CIFAR-10 recipe's step (GPU)
 MFU = model FLOPs per step (counted by torch.utils.flop_counter on one step) / step time / peak, where the
 peak is measured here: a large bf16 (GPU; fp32 on CPU) matmul.
 """
@@ -43,6 +45,12 @@ class Args:
     """which script's training step to time"""
     arch: str = "resnet50"
     """backbone"""
+    small_stem: bool = False
+    """3x3 stride-1 stem without max-pool (the CIFAR recipe's ResNet-18)"""
+    mlp_dim: Optional[int] = None
+    """hidden width of the projection head (default: the method's; the CIFAR recipe uses 512)"""
+    bn_splits: int = 1
+    """moco_co2 / adco: split BN over this many sub-batches (the CIFAR recipe's one-GPU ShuffleBN uses 8)"""
     image_size: int = 224
     """input resolution"""
     batch: int = 256
@@ -95,7 +103,12 @@ def build(name: str, args: Args, device, memory_format):
     call for queries (compiled or not), and a unit-column [C, K] queue/bank."""
     m = importlib.import_module(name)
     d = m.Args()
-    encoder_q = m.Encoder(args.arch, False, d.mlp_dim, d.dim).to(device, memory_format=memory_format)
+    encoder_q = m.Encoder(args.arch, args.small_stem, args.mlp_dim or d.mlp_dim, d.dim)
+    if args.bn_splits > 1:
+        if not hasattr(m, "use_split_bn"):
+            raise SystemExit(f"--bn-splits: {name} has no ShuffleBN and no split BN")
+        m.use_split_bn(encoder_q.backbone, args.bn_splits)
+    encoder_q = encoder_q.to(device, memory_format=memory_format)
     encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)
     model = torch.compile(encoder_q) if args.compile else encoder_q
     bank = F.normalize(torch.randn(d.dim, args.bank_size, device=device), dim=0)
@@ -275,7 +288,8 @@ def run(args: Args, device: torch.device, peak: float) -> dict:
         timer.mark("g")
         bank_grad_ms = 1000 * timer.times["g"] / args.steps
     return {
-        "method": args.method, "arch": args.arch, "image_size": args.image_size, "batch": args.batch,
+        "method": args.method, "arch": args.arch, "small_stem": args.small_stem, "bn_splits": args.bn_splits,
+        "image_size": args.image_size, "batch": args.batch,
         "bank_size": args.bank_size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "amp": use_amp, "channels_last": memory_format == torch.channels_last, "compile": args.compile,
         "img_per_s": args.batch / seconds, "ms_per_step": 1000 * seconds,

@@ -22,6 +22,13 @@ def test_throughput_reports_every_field(method):
     assert (row["bank_grad_ms"] is None) == (method == "moco_co2")
 
 
+def test_throughput_times_the_cifar_recipe_step():
+    args = throughput.Args(method="adco", arch="resnet18", small_stem=True, mlp_dim=64, bn_splits=4, image_size=16,
+                           batch=8, bank_size=64, device="cpu", steps=1, warmup=1, json=True)
+    (row,) = throughput.main(args)
+    assert row["small_stem"] and row["bn_splits"] == 4 and row["img_per_s"] > 0
+
+
 def test_dataloading_times_each_pipeline(tmp_path):
     for c in range(2):
         (tmp_path / "train" / f"c{c}").mkdir(parents=True)

@@ -46,3 +46,15 @@ def test_amp_picks_bf16_on_gpus_that_support_it():
     assert dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     assert scaler.is_enabled() == (dtype == torch.float16)
     assert moco_co2.setup_amp(torch.device("cuda"), False)[2] is None
+
+
+def test_split_bn_under_bf16_and_channels_last_matches_fp32():
+    """--bn-splits on a GPU: the same numbers with channels_last input, and bf16 autocast within 5 %."""
+    torch.manual_seed(0)
+    bn = moco_co2.SplitBatchNorm2d(torch.nn.BatchNorm2d(16), 8).cuda()
+    x = torch.randn(64, 16, 8, 8, device="cuda") * 3 + 1
+    ref = bn(x)
+    torch.testing.assert_close(bn(x.to(memory_format=torch.channels_last)), ref)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = bn(x.to(memory_format=torch.channels_last))
+    assert torch.allclose(low.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
