@@ -520,10 +520,14 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     """Training-mode BN over S interleaved sub-batches (samples n with n mod S = s), so that one process
     behaves like S GPUs with per-GPU BN and ShuffleBN can work without DDP (--bn-splits S; the MoCo
     authors' CIFAR-10 demo uses S = 8). The running statistics are the mean of the S sub-batches' updates.
-    Eval mode is plain BN. Same parameters and buffers as nn.BatchNorm2d: checkpoints do not change."""
+    Eval mode is plain BN. Same parameters and buffers as nn.BatchNorm2d: checkpoints do not change.
+    Cost: a channels_last input is copied by the reshape and comes back NCHW (the sub-batches are not
+    contiguous in that layout); time it with benchmarks/throughput.py --bn-splits 8 --sweep."""
 
     def __init__(self, bn: nn.BatchNorm2d, splits: int):
-        super().__init__(bn.num_features, bn.eps, bn.momentum, device=bn.weight.device)
+        if not (bn.affine and bn.track_running_stats and bn.momentum is not None):
+            raise ValueError("SplitBatchNorm2d needs an affine BN with running statistics and a float momentum")
+        super().__init__(bn.num_features, bn.eps, bn.momentum, device=bn.weight.device, dtype=bn.weight.dtype)
         self.load_state_dict(bn.state_dict())
         self.splits = splits
 
@@ -641,7 +645,8 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     if not isinstance(ckpt, dict) or found != METHOD:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
         raise UserError(f"{path} is not a {METHOD}.py checkpoint (it holds {what})")
-    old = ckpt["args"]
+    # arguments added later take the value that reproduces what older checkpoints did
+    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
                for k in must_match if old.get(k) != getattr(args, k)]
     if changed:
@@ -729,8 +734,10 @@ def main(args: Args) -> dict:
         raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the "
                         f"{world} processes")
     batch_per_rank = args.batch_size // world
-    if args.bn_splits < 1 or batch_per_rank % args.bn_splits:
-        raise UserError(f"--bn-splits {args.bn_splits} must be >= 1 and divide the per-process batch {batch_per_rank}")
+    too_small = args.bn_splits > 1 and batch_per_rank < 2 * args.bn_splits  # a sub-batch needs 2 images
+    if args.bn_splits < 1 or batch_per_rank % args.bn_splits or too_small:
+        raise UserError(f"--bn-splits {args.bn_splits} must be >= 1 and divide the per-process batch {batch_per_rank} "
+                        "into sub-batches of at least 2 images")
     if args.sym and args.multi_crop:
         raise UserError("--sym with --multi-crop is not supported (upstream: 'we have yet to support multi crop "
                         "with symmetrical loss'); choose one")

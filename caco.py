@@ -23,7 +23,7 @@ Run it
     CIFAR-10, one GPU, ResNet-18 at 32 px (the README's "CIFAR-10 recipe": no blur, K 4096):
         python caco.py --data data/cifar10 --arch resnet18 --small-stem --image-size 32 --no-blur \
             --mlp-dim 512 --batch-size 512 --bank-size 4096 --knn-every 10 --knn-k 200 --knn-t 0.1 \
-            --workers 15 --out-dir runs/cifar10-caco
+            --knn-train-fraction 1 --workers 15 --out-dir runs/cifar10-caco
 
 What this file implements (q: query embedding (gradient), t: momentum key (no gradient), all unit vectors;
 W: the bank [C, K], un-normalised; n_k = W_k / ||W_k|| its k-th normalised column)
@@ -558,7 +558,8 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     if not isinstance(ckpt, dict) or found != METHOD:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
         raise UserError(f"{path} is not a {METHOD}.py checkpoint (it holds {what})")
-    old = ckpt["args"]
+    # arguments added later take the value that reproduces what older checkpoints did
+    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
                for k in must_match if old.get(k) != getattr(args, k)]
     if changed:

@@ -697,7 +697,8 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     if not isinstance(ckpt, dict) or found != METHOD:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
         raise UserError(f"{path} is not a {METHOD}.py checkpoint (it holds {what})")
-    old = ckpt["args"]
+    # arguments added later take the value that reproduces what older checkpoints did
+    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
                for k in must_match if old.get(k) != getattr(args, k)]
     if changed:

@@ -307,3 +307,10 @@ def test_cli_error_is_one_line_and_help_documents_the_bank(tmp_path, capsys):
     for flag, words in [("--mem-lr", "η"), ("--mem-t", "τ_m"), ("--mem-momentum", "μ"), ("--mem-wd", "λ"),
                         ("--bank-size", "K"), ("--no-bank-init", "randn"), ("--batch-size", "GLOBAL")]:
         assert flag in text and words in text, flag
+
+
+def test_bn_splits_reaches_both_encoders(tmp_path):
+    result = adco.main(tiny_args(tmp_path / "run", bn_splits=2, epochs=1, bank_size=32))
+    for name in ("encoder_q", "encoder_k"):
+        bns = [m for m in result[name].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert bns and all(isinstance(m, adco.SplitBatchNorm2d) and m.splits == 2 for m in bns), name

@@ -55,6 +55,7 @@ def test_split_bn_under_bf16_and_channels_last_matches_fp32():
     x = torch.randn(64, 16, 8, 8, device="cuda") * 3 + 1
     ref = bn(x)
     torch.testing.assert_close(bn(x.to(memory_format=torch.channels_last)), ref)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        low = bn(x.to(memory_format=torch.channels_last))
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as inside the encoder: a bf16 conv output comes in
+        low = bn(x.bfloat16().to(memory_format=torch.channels_last))
+    assert low.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
     assert torch.allclose(low.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())

@@ -123,8 +123,8 @@ def test_split_batchnorm_is_bn_per_interleaved_sub_batch(splits):
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5, generator=g), bn.bias.uniform_(-1, 1, generator=g)
         bn.running_mean.uniform_(-1, 1, generator=g), bn.running_var.uniform_(0.5, 2, generator=g)
-    split = moco_co2.SplitBatchNorm2d(bn, splits).double()
-    assert set(split.state_dict()) == set(bn.state_dict())
+    split = moco_co2.SplitBatchNorm2d(bn, splits)
+    assert set(split.state_dict()) == set(bn.state_dict()) and split.weight.dtype == torch.float64
     weight = bn.weight.detach().clone().requires_grad_()
     bias = bn.bias.detach().clone().requires_grad_()
     xr, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -153,6 +153,30 @@ def test_use_split_bn_keeps_every_weight_and_key():
     bns = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(isinstance(m, moco_co2.SplitBatchNorm2d) and m.splits == 4 for m in bns)
     assert_state_equal(encoder.state_dict(), before)
+    with pytest.raises(ValueError, match="momentum"):
+        moco_co2.SplitBatchNorm2d(torch.nn.BatchNorm2d(3, momentum=None), 2)
+
+
+def test_bn_splits_reaches_both_encoders_and_a_resume(tmp_path):
+    out = tmp_path / "run"
+    result = moco_co2.main(tiny_args(out, bn_splits=4, epochs=1))
+    for name in ("encoder_q", "encoder_k"):
+        bns = [m for m in result[name].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert bns and all(isinstance(m, moco_co2.SplitBatchNorm2d) and m.splits == 4 for m in bns), name
+    with pytest.raises(UserError, match="--bn-splits 1 -> 4|--bn-splits 4 -> 1"):
+        moco_co2.main(tiny_args(out, resume="auto", epochs=2))  # a run's BN grouping is part of its recipe
+
+
+def test_checkpoints_from_before_blur_and_bn_splits_still_resume(tmp_path):
+    out = tmp_path / "run"
+    moco_co2.main(tiny_args(out, epochs=1))
+    ckpt = load(out / "last.pt")
+    del ckpt["args"]["blur"], ckpt["args"]["bn_splits"]  # as written by the code before these flags
+    torch.save(ckpt, out / "last.pt")
+    moco_co2.main(tiny_args(out, epochs=2, resume="auto"))
+    assert load(out / "last.pt")["next_epoch"] == 2
+    with pytest.raises(UserError, match="--bn-splits 1 -> 2"):
+        moco_co2.main(tiny_args(out, epochs=3, resume="auto", bn_splits=2))
 
 
 def test_two_processes(tmp_path):
@@ -249,6 +273,8 @@ def test_size_errors(tmp_path):
         moco_co2.main(tiny_args(tmp_path, dataset="imagefolder", data=str(tmp_path / "imagenet")))
     with pytest.raises(UserError, match="--bn-splits 3 must be >= 1 and divide the per-process batch 16"):
         moco_co2.main(tiny_args(tmp_path, bn_splits=3))
+    with pytest.raises(UserError, match="sub-batches of at least 2 images"):
+        moco_co2.main(tiny_args(tmp_path, bn_splits=16))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
