@@ -271,8 +271,8 @@ def bank_momentum_step(bank: torch.Tensor, velocity: torch.Tensor, grad: torch.T
         v <- μ_m v + G      (v starts at zero, so the first step is v = G, as torch's SGD)
         W <- W - η v
     """
-    velocity.mul_(momentum).add_(grad)
-    bank.add_(velocity, alpha=-lr)
+    velocity.mul_(momentum).add_(grad)  # v <- μ_m v + G
+    bank.add_(velocity, alpha=-lr)  # W <- W - η v
 
 
 @torch.no_grad()
