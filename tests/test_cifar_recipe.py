@@ -11,7 +11,7 @@ from PIL import Image
 import adco
 import caco
 import moco_co2
-from common import IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, eval_transform
+from common import IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, MultiCrop, TwoCrops, eval_transform
 from conftest import ROOT, load, run_script
 
 SCRIPTS = {"moco_co2.py", "adco.py", "caco.py", "linear_eval.py"}
@@ -44,16 +44,14 @@ def shrink(tokens: list[str]) -> list[str]:
 
 
 def flatten(transform) -> list:
-    """Every operator inside a (nested) crop transform, in order."""
-    if isinstance(transform, (T.Compose,)):
-        return [op for t in transform.transforms for op in flatten(t)]
-    if isinstance(transform, T.RandomApply):
-        return [transform] + [op for t in transform.transforms for op in flatten(t)]
-    for attr in ("pipelines",):
-        if hasattr(transform, attr):
-            return [op for t in getattr(transform, attr) for op in flatten(t)]
-    if hasattr(transform, "first"):
-        return flatten(transform.first) + flatten(transform.second or transform.first)
+    """Every operator inside a crop transform (TwoCrops / MultiCrop of Compose pipelines), in order."""
+    if isinstance(transform, TwoCrops):
+        return flatten(transform.first) + flatten(transform.second)
+    if isinstance(transform, MultiCrop):
+        return [op for view in transform.pipelines for op in flatten(view)]
+    if isinstance(transform, (T.Compose, T.RandomApply)):
+        inner = [op for t in transform.transforms for op in flatten(t)]
+        return inner if isinstance(transform, T.Compose) else [transform] + inner
     return [transform]
 
 
