@@ -235,6 +235,9 @@ MUST_MATCH = ("arch", "small_stem", "bn_splits", "mlp_dim", "dim", "dataset", "i
 # Multi-crop query crops: (size at --image-size 224, RRC scale range) = MoCo v2's (0.2, 1.0) x size / 224
 # (MultiCrop_Transform.py: 224 (0.2-1), 192 (0.172-0.86), 160 (0.143-0.715), 128 (0.114-0.571), 96 (0.086-0.429)).
 QUERY_CROP_SIZES = (224, 192, 160, 128, 96)
+# A logging window whose mean bank_share (the τ_m-softmax mass on the bank) is below this triggers a warning:
+# the bank gradient is proportional to that mass, so the adversaries have effectively stopped training.
+DEAD_BANK_SHARE = 1e-3
 
 
 # =====================================================================================================
@@ -312,6 +315,11 @@ def adco_loss_and_bank_grad(terms: list, bank: torch.Tensor, labels: torch.Tenso
         G    = Σ_terms w bank_grad(q, k_all, W, labels, τ_m)        = -∂/∂W of Σ w CE(... / τ_m), this rank
         pos_prob = mean τ_m-softmax probability of the own key    (upstream's mem_losses, per rank correct)
         acc      = fraction of queries whose top logit (of B+K) is their own key
+        bank_share = mean τ_m-softmax mass on the K bank columns  (1 - upstream's batch_prob, issue #12)
+
+    bank_share is the bank's pulse: bank_grad is proportional to the bank block of that softmax, so when
+    bank_share -> 0 the adversaries stop moving (only weight decay shrinks them) and the loss is in-batch
+    InfoNCE over the B keys alone. main() warns when a logging window averages below DEAD_BANK_SHARE.
 
     single: [(q, k_all, 1)]; --sym: [(q1, k2_all, ½), (q2, k1_all, ½)]; --multi-crop: [(q_c, k_all, 1)] x 5.
     The bank is detached and normalised on the fly for the network's logits; W itself stays un-normalised.
@@ -320,15 +328,18 @@ def adco_loss_and_bank_grad(terms: list, bank: torch.Tensor, labels: torch.Tenso
     bank_unit = F.normalize(bank.detach().to(dtype), dim=0)  # [C, K]: n_k, no gradient into the bank
     loss = torch.zeros((), dtype=dtype, device=bank.device)
     grad = torch.zeros_like(bank, dtype=dtype)
-    pos_prob, acc = [], []
+    pos_prob, acc, bank_share = [], [], []
+    num_keys = terms[0][1].shape[0]
     for q, k_all, weight in terms:
         sims = similarities(q.to(dtype), k_all.detach().to(dtype), bank_unit)  # [N, B+K]
         loss = loss + weight * F.cross_entropy(sims / moco_t, labels)  # mean over this rank's N queries
         grad += weight * bank_grad(q, k_all, bank, labels, mem_t)  # [C, K]
         with torch.no_grad():
-            pos_prob.append(torch.softmax(sims.detach() / mem_t, dim=1).gather(1, labels[:, None]).mean())
+            probs = torch.softmax(sims.detach() / mem_t, dim=1)  # [N, B+K] at τ_m, as the bank sees them
+            pos_prob.append(probs.gather(1, labels[:, None]).mean())
+            bank_share.append(probs[:, num_keys:].sum(dim=1).mean())
             acc.append((sims.detach().argmax(dim=1) == labels).to(dtype).mean())
-    return loss, grad, torch.stack(pos_prob).mean(), torch.stack(acc).mean()
+    return loss, grad, torch.stack(pos_prob).mean(), torch.stack(acc).mean(), torch.stack(bank_share).mean()
 
 
 @torch.no_grad()
@@ -894,8 +905,9 @@ def main(args: Args) -> dict:
     encoder_k.train()  # f_k's BN uses batch statistics (of the shuffled batch), as upstream
     labels = own_key_labels(batch_per_rank, rank, device)  # [N]: y_i = r*N + i, the same every step
     last_step = None
-    # Running sums on the device (no host sync per step): loss, pos_prob, acc, steps.
-    sums = torch.zeros(4, device=device)
+    # Running sums on the device (no host sync per step): loss, pos_prob, acc, bank_share, steps.
+    sums = torch.zeros(5, device=device)
+    warned_dead_bank = False
     window_start = time.perf_counter()
     with make_progress(console) as progress:
         task = progress.add_task("train", total=(args.epochs - start_epoch) * steps_per_epoch - start_batch)
@@ -925,7 +937,8 @@ def main(args: Args) -> dict:
 
                 # the network's loss L_τ and the bank's gradient G = -∂L_τm/∂W, both from the bank BEFORE
                 # its step and from these (pre-step) features
-                loss, grad, pos_prob, acc = adco_loss_and_bank_grad(terms, bank, labels, args.moco_t, args.mem_t)
+                loss, grad, pos_prob, acc, bank_share = adco_loss_and_bank_grad(terms, bank, labels, args.moco_t,
+                                                                                args.mem_t)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()  # DDP averages the network gradient over ranks
                 scaler.step(optimizer)
@@ -939,7 +952,7 @@ def main(args: Args) -> dict:
 
                 step += 1
                 progress.advance(task)
-                sums += torch.stack([loss.detach(), pos_prob, acc, torch.ones((), device=device)])
+                sums += torch.stack([loss.detach(), pos_prob, acc, bank_share, torch.ones((), device=device)])
                 last_step = {"labels": labels, "keys": keys[plan[0][1]], "keys_all": keys_all[plan[0][1]]}
 
                 # ---- logging, non-finite guard, checkpoints (the only host syncs) ----------------------
@@ -949,10 +962,10 @@ def main(args: Args) -> dict:
                 save = end_of_epoch or stop or (args.ckpt_every_steps > 0 and step % args.ckpt_every_steps == 0)
                 if done % args.log_every == 0 or save:
                     totals = all_reduce_mean(sums.clone()).tolist()
-                    n = totals[3]
+                    n = totals[4]
                     elapsed = time.perf_counter() - window_start
                     record = {"epoch": epoch, "step": step, "lr": lr, "mem_lr": mem_lr, "loss": totals[0] / n,
-                              "pos_prob": totals[1] / n, "acc": 100 * totals[2] / n,
+                              "pos_prob": totals[1] / n, "acc": 100 * totals[2] / n, "bank_share": totals[3] / n,
                               "bank_norm": bank.norm(dim=0).mean().item(), "img_per_s": n * args.batch_size / elapsed}
                     if not all(math.isfinite(v) for v in totals) or not math.isfinite(record["bank_norm"]):
                         # keep last.pt (the last good state); save the diverged state beside it for inspection
@@ -968,8 +981,15 @@ def main(args: Args) -> dict:
                     metrics.write(record)
                     console.print(f"epoch {epoch} [{done}/{steps_per_epoch}] step {step}  loss {record['loss']:.4f}  "
                                   f"pos_prob {record['pos_prob']:.4f}  acc {record['acc']:.1f}  "
+                                  f"bank_share {record['bank_share']:.4f}  "
                                   f"|W_k| {record['bank_norm']:.3f}  lr {lr:.5f}  mem_lr {mem_lr:g}  "
                                   f"{record['img_per_s']:.0f} img/s", markup=False, highlight=False)
+                    if record["bank_share"] < DEAD_BANK_SHARE and not warned_dead_bank:
+                        warned_dead_bank = True  # once per run; bank_share stays in every log line
+                        console.print(f"WARNING: the bank holds {record['bank_share']:.1e} of the τ_m-softmax "
+                                      f"(< {DEAD_BANK_SHARE:g}): its gradient has vanished, so the adversaries no "
+                                      "longer move and the loss is in-batch InfoNCE only. README: 'AdCo: a dead "
+                                      "bank'.", markup=False, highlight=False)
                     sums.zero_()
                     window_start = time.perf_counter()
 

@@ -169,7 +169,7 @@ def adco_step(args: Args, device, autocast, memory_format):
         q, k = query_and_shuffled_key(m, d, model, encoder_q, encoder_k, autocast, x_q, x_k, timer)
         k_all = m.concat_all_gather(k)
         timer.mark("collectives")
-        loss, grad, _, _ = m.adco_loss_and_bank_grad([(q, k_all, 1.0)], bank, labels, d.moco_t, d.mem_t)
+        loss, grad, *_ = m.adco_loss_and_bank_grad([(q, k_all, 1.0)], bank, labels, d.moco_t, d.mem_t)
         timer.mark("loss")  # includes the closed-form bank gradient (see bank_grad_ms for its own time)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -117,12 +117,12 @@ def test_loss_and_bank_grad_of_every_variant_match_autograd(sym, multi_crop):
     keys_all = [unit(2 * n, c, seed=40 + j) for j in range(crops)]
     bank, labels = raw_bank(c, k), adco.own_key_labels(n, rank, "cpu")
     terms = [(queries[i], keys_all[j], w) for i, j, w in plan]
-    loss, grad, pos_prob, acc = adco.adco_loss_and_bank_grad(terms, bank, labels, moco_t, mem_t)
+    loss, grad, pos_prob, acc, bank_share = adco.adco_loss_and_bank_grad(terms, bank, labels, moco_t, mem_t)
     detached = [(q.detach(), k_all, w) for q, k_all, w in terms]
     torch.testing.assert_close(grad, -autograd_bank_grad(detached, bank, labels, mem_t), rtol=1e-9, atol=1e-12)
     # the network loss, written out with exp / log: -log exp(q.k_own/τ) / (Σ_b exp(q.k_b/τ) + Σ_k exp(q.n_k/τ))
     n_unit = bank / bank.norm(dim=0)
-    expected, expected_pos = 0.0, 0.0
+    expected, expected_pos, expected_share = 0.0, 0.0, 0.0
     for q, k_all, w in terms:
         own = torch.exp((q * k_all[labels]).sum(1) / moco_t)
         total = torch.exp(q @ k_all.T / moco_t).sum(1) + torch.exp(q @ n_unit / moco_t).sum(1)
@@ -130,8 +130,10 @@ def test_loss_and_bank_grad_of_every_variant_match_autograd(sym, multi_crop):
         own_m = torch.exp((q * k_all[labels]).sum(1) / mem_t)
         total_m = torch.exp(q @ k_all.T / mem_t).sum(1) + torch.exp(q @ n_unit / mem_t).sum(1)
         expected_pos = expected_pos + (own_m / total_m).mean().detach() / len(terms)
+        expected_share = expected_share + (torch.exp(q @ n_unit / mem_t).sum(1) / total_m).mean().detach() / len(terms)
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(pos_prob, expected_pos, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bank_share, expected_share, rtol=1e-10, atol=1e-12)
     assert 0 <= acc <= 1
     used = sorted({i for i, _, _ in plan})
     grads = torch.autograd.grad(loss, [queries[i] for i in used])
@@ -314,3 +316,19 @@ def test_bn_splits_reaches_both_encoders(tmp_path):
     for name in ("encoder_q", "encoder_k"):
         bns = [m for m in result[name].modules() if isinstance(m, torch.nn.BatchNorm2d)]
         assert bns and all(isinstance(m, adco.SplitBatchNorm2d) and m.splits == 2 for m in bns), name
+
+
+@pytest.mark.parametrize("mem_t,dead", [(0.02, True), (1.0, False)])
+def test_a_dead_bank_is_reported(tmp_path, mem_t, dead):
+    """bank_share (the τ_m-softmax mass on the bank) is logged, and a run whose bank has gone silent says so.
+    A randn bank (--no-bank-init) sits at q.n ~ 0 while a random network's keys sit at q.k ~ 1, so at τ_m = 0.02
+    the bank gets ~e^-40 of the softmax (dead); at τ_m = 1 it keeps most of it (64 of 80 logits)."""
+    out = tmp_path / "run"
+    proc = run_script("adco.py", *TINY, "--epochs", "1", "--bank-size", "64", "--no-bank-init", "--mem-t", mem_t,
+                      "--out-dir", out, "--log-every", "2")
+    shares = [json.loads(line)["bank_share"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in line]
+    assert len(shares) == 2 and all(0 <= s <= 1 for s in shares)
+    assert ("WARNING: the bank holds" in proc.stdout) == dead
+    assert (shares[0] < adco.DEAD_BANK_SHARE) == dead
+    assert proc.stdout.count("WARNING: the bank holds") <= 1  # once per run
