@@ -87,7 +87,8 @@ Deviations from the official code (also listed in README.md)
        node, loses RNG and sampler state, and its "best" file is simply the latest (inverted is_best).
    10. The metric pos_prob is the τ_m-softmax probability of each query's OWN key, correct on every rank.
        Upstream's mem_losses sums the first N columns, i.e. GPU 0's keys, on every rank. Metrics are averaged
-       over all loss terms (upstream: the first crop in multi-crop).
+       over all loss terms (upstream: the first crop in multi-crop). bank_share = the τ_m-softmax mass on the
+       bank (1 - upstream's batch_prob); a run warns once when it falls below DEAD_BANK_SHARE (a dead bank).
    11. bank_grad divides by max(||W_k||, 1e-12) (as F.normalize does); upstream divides by the raw norm.
    12. --sym with --multi-crop is refused, as upstream's README says it is not supported.
    13. Multi-crop sizes scale with --image-size (x 224/192/160/128/96 / 224), so 32 px smoke runs work.

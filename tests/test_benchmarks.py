@@ -1,13 +1,18 @@
 """The benchmarks stay runnable (tiny CPU settings). They measure; nothing here asserts a timing."""
 import sys
 
+import math
+
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, TINY, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import dataloading  # noqa: E402
+import embedding_stats  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -54,3 +59,37 @@ def test_dataloading_per_operator_times_every_operator(tmp_path):
     assert {"ColorJitter (p=0.8)", "GaussianBlur (p=0.5)", "RandomResizedCrop", "read + decode JPEG",
             "Normalize"} <= set(moco["us_per_image"])
     assert "Solarize (p=0.2)" in caco["us_per_image"]
+
+
+def test_embedding_geometry_matches_explicit_formulas():
+    """A collapsed batch (every q and k = e) against negatives at -e, then a random one vs per-element loops."""
+    n, c, k, t = 4, 8, 6, 0.5
+    e = F.normalize(torch.ones(c), dim=0)
+    out = embedding_stats.geometry(e.repeat(n, 1), e.repeat(n, 1), -e[:, None].repeat(1, k), {"tau": t})
+    assert out["q.q_mean"] == pytest.approx(1) and out["q.k_own"] == pytest.approx(1)
+    assert out["q.k_other"] == pytest.approx(1) and out["q.n_mean"] == pytest.approx(-1)
+    batch = n * math.exp(1 / t) / (n * math.exp(1 / t) + k * math.exp(-1 / t))
+    assert out["share_batch@tau"] == pytest.approx(batch) and out["share_own@tau"] == pytest.approx(batch / n)
+    assert out["share_negatives@tau"] == pytest.approx(1 - batch)
+    g = torch.Generator().manual_seed(0)
+    q, key = (F.normalize(torch.randn(n, c, generator=g, dtype=torch.float64), dim=1) for _ in range(2))
+    neg = F.normalize(torch.randn(c, k, generator=g, dtype=torch.float64), dim=0)
+    out = embedding_stats.geometry(q, key, neg, {"tau": t})
+    own = [math.exp(q[i] @ key[i] / t) / (sum(math.exp(q[i] @ key[j] / t) for j in range(n))
+                                          + sum(math.exp(q[i] @ neg[:, m] / t) for m in range(k))) for i in range(n)]
+    assert out["share_own@tau"] == pytest.approx(sum(own) / n)
+    assert out["q.n_nearest"] == pytest.approx(sum(max((q[i] @ neg).tolist()) for i in range(n)) / n)
+    assert out["n.n_mean"] == pytest.approx(sum(float(neg[:, a] @ neg[:, b]) for a in range(k) for b in range(k)
+                                                if a != b) / (k * (k - 1)))
+
+
+@pytest.mark.parametrize("script,extra", [("adco.py", ["--bank-size", "64"]), ("moco_co2.py", ["--queue-size", "64"])])
+def test_embedding_stats_reads_a_real_checkpoint(tmp_path, script, extra):
+    run_script(script, *TINY, "--epochs", "1", *extra, "--out-dir", tmp_path / "run")
+    out = embedding_stats.main(embedding_stats.Args(checkpoint=str(tmp_path / "run" / "last.pt"), json=True))
+    assert out["batch"] == 16 and out["step"] == 4 and -1 <= out["q.n_mean"] <= 1
+    shares = [v for key, v in out.items() if key.startswith("share_")]
+    assert len(shares) == (6 if script == "adco.py" else 3) and all(0 <= v <= 1 for v in shares)
+    torch.save({"encoder_q": {}}, tmp_path / "plain.pt")
+    with pytest.raises(SystemExit, match="not a moco_co2.py or adco.py checkpoint"):
+        embedding_stats.main(embedding_stats.Args(checkpoint=str(tmp_path / "plain.pt")))
