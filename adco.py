@@ -1,102 +1,34 @@
 """AdCo: adversarial contrast, a bank of negatives trained to be hard, in one file.
 
-Paper
-    AdCo  "AdCo: Adversarial Contrast for Efficient Learning of Unsupervised Representations from
-          Self-Trained Negative Adversaries", Hu, Wang, Hu, Qi, CVPR 2021, arXiv 2011.08435
-Official code whose defaults this file follows: maple-research-lab/AdCo @ fd65f12 (training code of 3a8eaa7:
-training/train.py, training/main_worker.py, model/AdCo.py, ops/argparser.py) with the README commands.
-Spec with line references: shared/spec/adco_caco.md, sections 1, 3.1, 4, 6.1, 7, 8.1, 9.
+Paper    "AdCo: Adversarial Contrast for Efficient Learning of Unsupervised Representations from Self-Trained
+         Negative Adversaries", Hu, Wang, Hu, Qi, CVPR 2021, arXiv 2011.08435
+Defaults = the official single-crop ImageNet recipe (maple-research-lab/AdCo @ fd65f12, README commands).
 
-Run it (ImageNet, 200 epochs, ResNet-50, 8 GPUs = the official 8 x 32; linear top-1 from the official README)
-    single crop, K = 65536 (68.6 %):
-        torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet --out-dir runs/adco
-    symmetric loss (70.6 %):
-        torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet --sym --out-dir runs/adco_sym
-    multi-crop, 1 key crop + 5 query crops (73.2 %):
-        torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet --multi-crop --out-dir runs/adco_mc
-    small banks: --bank-size 16384 (68.6 %, with --sym 70.2 %); the README's 8192 recipe (70.2 % with --sym):
-        torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet --sym --bank-size 8192 --lr 0.04 \
-            --moco-t 0.14 --mem-t 0.03 --out-dir runs/adco_sym8192
-    800 epochs: add --epochs 800 (README: 72.8 % single crop, 75.7 % multi-crop; no command published).
-    2 nodes x 8 GPUs (global batch stays --batch-size; scale --lr with it if you change it):
-        torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
-            adco.py --data /path/to/imagenet        (and --node_rank=1 on the second node)
-    one GPU:   python adco.py --data /path/to/imagenet --batch-size 64   (lr 0.03 x 64/256; K % 64 == 0)
-    CPU smoke run (seconds):
-        python adco.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
-            --batch-size 16 --bank-size 64 --workers 0 --epochs 2 --out-dir runs/smoke
-    Continue an interrupted run: add --resume auto (and --stop-at-step N to end a job cleanly).
-    CIFAR-10, one GPU, ResNet-18 at 32 px (the README's "CIFAR-10 recipe": no blur, K 4096, m 0.99):
-        python adco.py --data data/cifar10 --arch resnet18 --small-stem --image-size 32 --no-blur \
-            --mlp-dim 512 --batch-size 512 --weight-decay 5e-4 --moco-m 0.99 --bank-size 4096 \
-            --bn-splits 8 --knn-every 10 --workers 15 --out-dir runs/cifar10-adco
+What this file implements (q: query, with gradient; k_all: the keys of the WHOLE global batch, rank order;
+W: the bank [C, K], un-normalised, n_k = W_k / ||W_k||; unit vectors; each equation where it is computed)
+    f_q, f_k   ResNet + MLP head; f_k = EMA of f_q (m = 0.999) with ShuffleBN              momentum_update
+    loss       L_τ = mean_i CE([q_i.k_allᵀ | q_i.n] / τ, own key), τ = 0.12 (Eq. 3; the other B-1 keys of the
+               batch are extra negatives)                                    adco_loss_and_bank_grad
+    bank       ASCENDS the same loss at τ_m = 0.02 (Eq. 5): G = -∂L_τm/∂W in closed form  bank_grad
+               v <- μ v + G + λ W, W <- W - η v (μ 0.9, λ 1e-4, η 3), G averaged over ranks   bank_momentum_step
+    --sym      ½ CE(q1, k2_all) + ½ CE(q2, k1_all); --multi-crop: 5 query crops, SUMMED     crop_plan
 
-What this file implements (q: query embedding, with gradient; k: key embedding of the momentum encoder, no
-gradient; k_all: the keys of the WHOLE global batch, gathered in rank order; all unit vectors.
-W: the bank [C, K], stored un-normalised; n_k = W_k / ||W_k|| its k-th column, normalised on the fly)
-    encoders   f_q = ResNet + MLP head (2048-2048-128, ReLU, biases, no BN); f_k = EMA copy,
-               θ_k <- m θ_k + (1-m) θ_q once per step (m = 0.999), ShuffleBN on f_k (MoCo section 3.3)
-    logits     z_i = [q_i . k_allᵀ | q_i . n] / τ  (N x (B+K)): the own key is the positive, the other B-1
-               keys of the global batch are extra negatives (as upstream and its author intend, AdCo #6),
-               the K bank columns are the adversarial negatives. Label of query i on rank r: r*N + i.
-    loss       L_τ = mean_i CE(z_i, r*N + i), τ = moco_t = 0.12 (AdCo Eq. 3 with in-batch keys);
-               SGD on f_q, lr 0.03 per 256 images, per-epoch cosine to 6e-4 per 256, momentum 0.9, wd 1e-4
-    bank step  after the network step, from the SAME (pre-step) q and k_all: the bank ASCENDS the same
-               InfoNCE loss at the sharper temperature τ_m = mem_t = 0.02 (AdCo Eq. 5):
-                   G = -∂L_τm/∂W  (bank_grad: closed form, derivation and the tangent term explained there)
-                   G <- mean of G over ranks                  (one all-reduce; = gradient of the global mean)
-                   v <- μ v + G + λ W,   W <- W - η v          (μ = 0.9, λ = 1e-4, η = 3, constant)
-               i.e. torch.optim.SGD(momentum=μ, weight_decay=λ) on W with grad = -∂L/∂W.
-    bank init  before epoch 0 (fresh runs only): K/B MoCo-style steps ([q.k | q.n] / τ, label 0) that train
-               the network AND write each global batch of keys into the next B columns of W; then θ_k <- θ_q.
-    --sym      L = ½ CE(q1 vs k2_all) + ½ CE(q2 vs k1_all), bank gradient with the same ½ weights
-    --multi-crop  key = one 224 crop; queries = 5 crops of 224/192/160/128/96 px (RRC scales x size/224);
-               L = SUM over the 5 query crops (not a mean, as upstream, with the same lr), bank gradient
-               summed the same way.
-    augment    MoCo v2: RRC(scale 0.2-1), ColorJitter(0.4,0.4,0.4,0.1) p 0.8, grey p 0.2, blur p 0.5, flip
+The bank W, start to finish (grep METHOD for the method's own lines in main())
+    created  main(): randn(C, K) from --seed, identical on every rank, outside DDP; velocity v = 0
+    filled   main(), fresh runs: K/B MoCo-style steps write each global batch of keys into W (fill_bank)
+    used     adco_loss_and_bank_grad(): n = normalize(W) gives the K adversarial negatives of the network loss
+    updated  after the network step, from the same pre-step q and k_all: bank_grad, ONE all-reduce, momentum step
+    saved    checkpoint_state(): "bank" and "bank_velocity" in every last.pt; init is never redone on resume
 
-Following the bank W from start to finish (all in this file)
-    created    main() section 4: randn(C, K) from --seed (identical on every rank), velocity v = 0
-    filled     main() section 5, bank initialisation: fill_bank() writes unit keys column block by block
-    used       adco_loss_and_bank_grad(): n = normalize(W) gives the K negative logits of the network loss
-    updated    bank_grad() (the closed-form -∂L/∂W), all_reduce_mean(), bank_momentum_step() (v, W)
-    saved      checkpoint_state(): "bank" and "bank_velocity" in every checkpoint; restored in section 5
+Run it
+    torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet --out-dir runs/adco        # 68.6 % reported
+    torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet --sym --out-dir runs/adco_sym          # 70.6 %
+    python adco.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
+        --batch-size 16 --bank-size 64 --workers 0 --epochs 2 --out-dir runs/smoke          # CPU, seconds
 
-Deviations from the official code (also listed in README.md)
-    1. --batch-size is the GLOBAL batch, divided by the world size (official: per node). Default 256 = 8 x 32.
-    2. Labels are global_rank*N + i. Upstream uses the LOCAL GPU index (train.py L42-44, 94-96, 165-167): on
-       every node but the first, each query's "positive" is another node's key. Single-node runs agree.
-    3. torchrun (or plain python) instead of mp.spawn + --dist-url; one process and CPU are supported.
-       With one process ShuffleBN permutes the batch locally, which matters only with --bn-splits S (BN over
-       S interleaved sub-batches, as on S GPUs; MoCo's CIFAR-10 demo). A message says so when S = 1.
-    4. The bank is created from --seed, so it is identical on every rank even with --no-bank-init
-       (upstream: unseeded randn per rank, never synchronised). It lives outside DDP and changes only by
-       all-reduced gradients and gathered keys.
-    5. The bank momentum is its own flag, --mem-momentum (upstream reuses the network's --momentum; both 0.9).
-    6. Multi-crop bank initialisation pairs the 224 query crop with the 224 key crop, as training does.
-       Upstream's init passes the 96 px crop as the key (train.py L266-268), so its bank starts with
-       embeddings of 96 px crops.
-    7. Bank initialisation needs --bank-size to be a multiple of --batch-size (a clear error otherwise) and
-       cycles the loader if K/B steps exceed one epoch. It runs only on a fresh run: the checkpoint holds the
-       initialised bank, so --resume never re-initialises.
-    8. AMP: the encoders run under bf16 autocast on GPUs that support it (fp16 + GradScaler otherwise);
-       normalisation, logits, softmax and all bank arithmetic are fp32. Upstream is fp32. --no-amp = fp32.
-    9. Checkpoints hold everything for an exact resume (key encoder, bank, bank velocity, optimizer, RNG,
-       position inside the epoch; bitwise with --workers 0, worker augmentation streams restart otherwise),
-       written by global rank 0 only. Upstream writes on local rank 0 of every
-       node, loses RNG and sampler state, and its "best" file is simply the latest (inverted is_best).
-   10. The metric pos_prob is the τ_m-softmax probability of each query's OWN key, correct on every rank.
-       Upstream's mem_losses sums the first N columns, i.e. GPU 0's keys, on every rank. Metrics are averaged
-       over all loss terms (upstream: the first crop in multi-crop). bank_share = the τ_m-softmax mass on the
-       bank (1 - upstream's batch_prob); a run warns once when it falls below DEAD_BANK_SHARE (a dead bank).
-   11. bank_grad divides by max(||W_k||, 1e-12) (as F.normalize does); upstream divides by the raw norm.
-   12. --sym with --multi-crop is refused, as upstream's README says it is not supported.
-   13. Multi-crop sizes scale with --image-size (x 224/192/160/128/96 / 224), so 32 px smoke runs work.
-   14. Optional kNN monitor (--knn-every; upstream has none), off by default.
-
-Sections: Args -> method math (pure functions) -> model and augmentations -> plumbing (fenced, identical in
-every script) -> main(): 1 setup, 2 run folder and resume, 3 data, 4 model, bank and optimizer, 5 restore or
-bank initialisation, 6 train loop (network step, then bank step), 7 end of epoch, 8 teardown.
+docs/adco.md: every command, defaults vs paper, logged metrics, the bank gradient's derivation, the dead-bank
+diagnosis, deviations from the official code. Layout: Args -> method math -> model and augmentations ->
+main() -> appendix: the fenced plumbing blocks (byte-identical in every script, tests/test_shared_blocks.py).
 """
 
 import copy
@@ -107,7 +39,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -140,10 +72,11 @@ class Args:
     """seed for weights, bank and data order (augmentations use seed + rank)"""
 
     # --- data -------------------------------------------------------------------------------------
-    dataset: Literal["imagefolder", "synthetic"] = "imagefolder"
-    """imagefolder: --data holds train/ and val/ (or test/) class folders (ImageNet layout); synthetic: fake images"""
+    dataset: Literal["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"] = "imagefolder"
+    """imagefolder: --data holds train/ and val/ (or test/) class folders (ImageNet layout); cifar10, cifar100,
+    stl10: torchvision's files under --data (downloaded there if missing and the network allows); synthetic: fake images"""
     data: Optional[str] = None
-    """root folder for --dataset imagefolder"""
+    """root folder of the dataset (--dataset imagefolder, cifar10, cifar100, stl10)"""
     synthetic_images: int = 256
     """number of training images for --dataset synthetic (a quarter as many val images)"""
     image_size: int = 224
@@ -265,32 +198,19 @@ def similarities(q: torch.Tensor, k_all: torch.Tensor, bank_unit: torch.Tensor) 
 
 def bank_grad(q: torch.Tensor, k_all: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor,
               mem_t: float) -> torch.Tensor:
-    """The bank's gradient for ONE loss term: returns G = -∂L/∂W, [C, K], to be used as W's gradient by a
-    DESCENT step (W <- W - η G), which therefore ASCENDS L: the bank becomes a harder set of negatives.
+    """G = -∂L/∂W, [C, K], for ONE loss term; W <- W - η G then ASCENDS L: the negatives get harder.
 
         L = mean_i CE(z_i, y_i),   z_i = [q_i . k_allᵀ | q_i . n] / τ_m,   n_k = W_k / ||W_k||
-
-    q: [N, C] this rank's (pre-step) queries, unit rows; k_all: [B, C] all gathered keys, unit rows;
-    bank W: [C, K] un-normalised; labels y: [N], each query's own key in k_all (so y_i < B); τ_m = mem_t.
-    No input needs (or receives) a gradient; computed in fp32 (fp64 stays fp64). It is the gradient of THIS
-    rank's mean; the caller averages it over ranks, which gives the gradient of the global-batch mean
-    (every rank has the same N).
-
-    Derivation (spec section 7; AdCo issues #4, #6, #8, #17), with l_ik = q_i . n_k the bank similarities:
-      1. Cross-entropy: ∂L/∂z_ij = (p_ij - [j = y_i]) / N, p_i = softmax(z_i) over ALL B + K logits: the
-         in-batch keys stay in the partition function. y_i is always a key column, never a bank column,
-         so on the bank block the one-hot vanishes and ∂L/∂l_ik = p_i,B+k / (N τ_m)  (z = l / τ_m).
-         (The code still subtracts the one-hot, so it is the exact CE gradient for any label.)
-      2. l_ik depends on n_k only: ∂l_ik/∂n_k = q_i, so ∂L/∂n_k = Σ_i ∂L/∂l_ik q_i  =: a_k.
-      3. The bank is stored UN-normalised and n_k = W_k / ||W_k||. The Jacobian of a normalisation is
-             ∂n_k/∂W_k = (I - n_k n_kᵀ) / ||W_k||,
-         a projection onto the plane orthogonal to W_k, divided by the norm. Hence
-             ∂L/∂W_k = (a_k - (n_k . a_k) n_k) / ||W_k||,    n_k . a_k = Σ_i ∂L/∂l_ik l_ik.
-         The second term is the "extra term" of issue #8: it removes the radial component, because moving
-         W_k along itself does not change n_k. The paper's Eq. 5 is the gradient w.r.t. n_k (step 2) only.
-      Upstream's closed form (train.py L61-64) is exactly this, -(1/(τ_m ||W_k||)) [(1/N) Σ_i p_ik q_i -
-      ((1/N) Σ_i p_ik l_ik) n_k]; as the author says in #6, it equals SGD on -L with autograd.
-      tests/test_adco.py checks it against autograd (fp64 and fp32).
+    q: [N, C] this rank's pre-step queries, k_all: [B, C] gathered keys (unit rows); W: [C, K]; y: [N], the
+    own key's column (y_i < B). No gradient in or out; fp32 (fp64 stays fp64). It is this rank's mean; the
+    caller averages over ranks, which gives the gradient of the global-batch mean (same N on every rank).
+    Derivation (docs/adco.md has it in full), with l_ik = q_i . n_k and p = softmax(z) over ALL B + K logits:
+      1. ∂L/∂l_ik = (p_i,B+k - 0) / (N τ_m): y_i is a key column, so the one-hot vanishes on the bank block.
+      2. ∂L/∂n_k = Σ_i ∂L/∂l_ik q_i =: a_k.
+      3. ∂n_k/∂W_k = (I - n_k n_kᵀ) / ||W_k||, so ∂L/∂W_k = (a_k - (n_k . a_k) n_k) / ||W_k||: the tangent
+         term removes the radial part (moving W_k along itself does not change n_k). The paper's Eq. 5 is
+         step 2 only; the official closed form is this full gradient, i.e. SGD on -L with autograd
+         (tests/test_adco.py checks it against autograd).
     """
     dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 at least (fp64 stays fp64, for tests)
     q, k_all, bank = q.detach().to(dtype), k_all.detach().to(dtype), bank.detach().to(dtype)
@@ -307,24 +227,21 @@ def bank_grad(q: torch.Tensor, k_all: torch.Tensor, bank: torch.Tensor, labels: 
     return -dL_dW  # G = -∂L/∂W: descending along G ascends L
 
 
+class AdcoStep(NamedTuple):
+    loss: torch.Tensor        # Σ_terms w CE([q.k_allᵀ | q.n] / τ, labels): the network's loss (autograd to q)
+    grad: torch.Tensor        # G = Σ_terms w bank_grad(...), [C, K], this rank's (the caller all-reduces it)
+    pos_prob: torch.Tensor    # mean τ_m-softmax probability of the own key
+    acc: torch.Tensor         # fraction of queries whose top logit (of B + K) is their own key
+    bank_share: torch.Tensor  # mean τ_m-softmax mass on the K bank columns
+
+
 def adco_loss_and_bank_grad(terms: list, bank: torch.Tensor, labels: torch.Tensor, moco_t: float,
-                            mem_t: float):
-    """One AdCo step's math. terms: [(q, k_all, weight)], q: [N, C] unit queries (with gradient), k_all:
-    [B, C] gathered unit keys; bank W: [C, K]; labels [N] (own_key_labels).  Returns
-
-        loss = Σ_terms w CE([q.k_allᵀ | q.n] / τ, labels)          the network's loss (autograd to q only)
-        G    = Σ_terms w bank_grad(q, k_all, W, labels, τ_m)        = -∂/∂W of Σ w CE(... / τ_m), this rank
-        pos_prob = mean τ_m-softmax probability of the own key    (upstream's mem_losses, per rank correct)
-        acc      = fraction of queries whose top logit (of B+K) is their own key
-        bank_share = mean τ_m-softmax mass on the K bank columns  (1 - upstream's batch_prob, issue #12)
-
-    bank_share is the bank's pulse: bank_grad is proportional to the bank block of that softmax, so when
-    bank_share -> 0 the adversaries stop moving (only weight decay shrinks them) and the loss is in-batch
-    InfoNCE over the B keys alone. main() warns when a logging window averages below DEAD_BANK_SHARE.
-
-    single: [(q, k_all, 1)]; --sym: [(q1, k2_all, ½), (q2, k1_all, ½)]; --multi-crop: [(q_c, k_all, 1)] x 5.
-    The bank is detached and normalised on the fly for the network's logits; W itself stays un-normalised.
-    """
+                            mem_t: float) -> AdcoStep:
+    """One AdCo step's math, from the bank BEFORE its step. terms: [(q, k_all, weight)] (crop_plan), q: [N, C]
+    unit queries with gradient, k_all: [B, C] gathered unit keys; bank W: [C, K]; labels: [N] (own_key_labels).
+    bank_share is the bank's pulse: bank_grad is proportional to the bank block of the τ_m-softmax, so when
+    it nears 0 the adversaries stop moving and the loss is in-batch InfoNCE alone (main() warns once).
+    The network sees the bank detached and normalised; W itself stays un-normalised."""
     dtype = torch.promote_types(bank.dtype, torch.float32)  # fp32 at least (fp64 stays fp64, for tests)
     bank_unit = F.normalize(bank.detach().to(dtype), dim=0)  # [C, K]: n_k, no gradient into the bank
     loss = torch.zeros((), dtype=dtype, device=bank.device)
@@ -340,7 +257,8 @@ def adco_loss_and_bank_grad(terms: list, bank: torch.Tensor, labels: torch.Tenso
             pos_prob.append(probs.gather(1, labels[:, None]).mean())
             bank_share.append(probs[:, num_keys:].sum(dim=1).mean())
             acc.append((sims.detach().argmax(dim=1) == labels).to(dtype).mean())
-    return loss, grad, torch.stack(pos_prob).mean(), torch.stack(acc).mean(), torch.stack(bank_share).mean()
+    return AdcoStep(loss, grad, torch.stack(pos_prob).mean(), torch.stack(acc).mean(),
+                    torch.stack(bank_share).mean())
 
 
 @torch.no_grad()
@@ -443,17 +361,194 @@ def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
 
 
 # =====================================================================================================
-# PLUMBING: fenced blocks are byte-identical in every script that carries them (tests/test_shared_blocks.py).
-# Fix them in one file, copy to the others.
+# main
+# =====================================================================================================
+def main(args: Args) -> dict:
+    """Trains and returns the final state {"encoder_q", "encoder_k", "bank", "bank_velocity"} (for tests)."""
+    # ---- 1. setup: processes, sizes, seeds; every check before any file is touched -------------------------
+    run = setup_run(args)
+    check_bn_splits(args.bn_splits, run.batch_per_rank)
+    if args.sym and args.multi_crop:
+        raise UserError("--sym with --multi-crop is not supported (upstream: 'we have yet to support multi crop "
+                        "with symmetrical loss'); choose one")
+    if args.bank_size <= 0 or min(args.moco_t, args.mem_t) <= 0 or args.mem_lr < 0:
+        raise UserError("--bank-size must be positive, --moco-t and --mem-t > 0, --mem-lr >= 0")
+    if args.bank_init and args.bank_size % args.batch_size:
+        raise UserError(f"--bank-size {args.bank_size} must be a multiple of the global --batch-size "
+                        f"{args.batch_size} (bank initialisation fills it with one global batch of keys per step; "
+                        f"or pass --no-bank-init)")
+    device = run.device
+    lr_peak = args.lr * args.batch_size / 256  # linear scaling rule: lr per 256 images
+    lr_final = args.lr_final * args.batch_size / 256  # the final value scales the same way
+
+    # ---- 2. run folder, checkpoint to resume ------------------------------------------------------------
+    if not open_run_folder(run, args, MUST_MATCH):
+        return {}
+
+    # ---- 3. data: 2 views, or 1 key crop + 5 query crops ---------------------------------------------------
+    train_set = make_dataset(args.dataset, args.data, "train",
+                             augmentations(args.image_size, args.multi_crop, args.blur),
+                             args.synthetic_images, args.image_size, args.seed)
+    loader = make_loader(train_set, run.batch_per_rank, run.rank, run.world, args.workers, args.seed)
+    steps_per_epoch = len(loader.sampler) // run.batch_per_rank
+    plan = crop_plan(args.sym, args.multi_crop)  # [(query crop, key crop, weight)]
+    query_crops = sorted({i for i, _, _ in plan})  # through f_q, with gradient
+    key_crops = sorted({j for _, j, _ in plan})  # through f_k with ShuffleBN, no gradient
+    knn_sets = make_knn_sets(args, run.console)
+
+    # ---- 4. model, bank, optimizer ----------------------------------------------------------------------
+    encoder_q = Encoder(args.arch, args.small_stem, args.mlp_dim, args.dim).to(device)
+    if args.bn_splits > 1:
+        use_split_bn(encoder_q.backbone, args.bn_splits)  # before the copy: f_k gets split BN too
+    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # θ_k = θ_q at start
+    channels_last = device.type == "cuda" and args.channels_last
+    if channels_last:
+        encoder_q.to(memory_format=torch.channels_last)
+        encoder_k.to(memory_format=torch.channels_last)
+    # METHOD: the bank W [C, K], fp32, un-normalised, outside DDP (its gradient is bank_grad's closed form);
+    # randn from --seed, identical on every rank. Bank initialisation overwrites every column with a unit key.
+    bank = torch.randn(args.dim, args.bank_size).to(device)
+    bank_velocity = torch.zeros_like(bank)  # v_0 = 0, as torch's SGD
+    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=lr_peak, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    autocast, scaler, amp_dtype = setup_amp(device, args.amp)
+    torch.manual_seed(args.seed + run.rank)  # from here on: per-rank randomness (augmentations, ShuffleBN)
+
+    def to_device(x):
+        x = x.to(device, non_blocking=True)
+        return x.to(memory_format=torch.channels_last) if channels_last else x
+
+    def embed_keys(x: torch.Tensor) -> torch.Tensor:
+        """k = normalize(f_k(x)) with ShuffleBN, no gradient: [N, C] fp32, k_i pairs with this rank's image i."""
+        x, idx_unshuffle = batch_shuffle(x)
+        with autocast():
+            k = encoder_k(x)
+        return batch_unshuffle(F.normalize(k.float(), dim=1), idx_unshuffle)
+
+    # ---- 5. restore, or (fresh run) initialise the bank ------------------------------------------------
+    start_epoch, start_batch, step = restore_training(run, encoder_q, encoder_k, optimizer, scaler)
+    if run.ckpt is not None:  # W and v continue exactly where they were; initialisation is never redone
+        bank.copy_(run.ckpt["bank"])
+        bank_velocity.copy_(run.ckpt["bank_velocity"])
+    model = wrap_model(encoder_q, run, args.compile)
+    metrics = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), run.rank, step if run.ckpt else None)
+    announce(run, args, {
+        "lr used (lr x B/256)": lr_peak, "final lr": lr_final, "amp dtype": amp_dtype or "fp32",
+        "steps per epoch": steps_per_epoch, "loss terms (query crop, key crop, weight)": plan,
+        "bank initialisation": "restored from checkpoint" if run.ckpt else
+                               f"{args.bank_size // args.batch_size} steps" if args.bank_init else "off (randn)"})
+    if run.world == 1 and args.bn_splits == 1:
+        run.console.print("one process with --bn-splits 1: ShuffleBN cannot hide the key batch from BN (one BN "
+                          "batch for all keys); on one GPU use --bn-splits 8 (as on 8 GPUs)")
+
+    if run.ckpt is None and args.bank_init:
+        # METHOD: bank initialisation. K/B MoCo-style steps (own key the only positive, label 0, temperature τ,
+        # epoch-0 lr): the network really trains and SGD's momentum carries into epoch 0. Each step writes
+        # the global batch of keys into the next B columns, W[:, f : f+B] <- k_allᵀ. Then θ_k <- θ_q.
+        encoder_q.train()
+        encoder_k.train()
+        init_q, init_k = (1, 0) if args.multi_crop else (0, 1)  # multi-crop: the 224 query vs the 224 key crop
+        filled, init_epoch, init_steps = 0, 0, 0
+        while filled < args.bank_size:
+            loader.sampler.set_epoch(init_epoch)  # epoch 0's order first, as upstream
+            for views, _ in loader:
+                with autocast():
+                    q = F.normalize(model(to_device(views[init_q])).float(), dim=1)  # [N, C]
+                with torch.no_grad():
+                    momentum_update(encoder_q, encoder_k, args.moco_m)
+                    k = embed_keys(to_device(views[init_k]))  # [N, C]
+                init_loss = F.cross_entropy(*init_logits(q, k, bank, args.moco_t))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(init_loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                filled = fill_bank(bank, filled, concat_all_gather(k))
+                init_steps += 1
+                if init_steps % args.log_every == 0 or filled >= args.bank_size:
+                    run.console.print(f"bank initialisation: {filled}/{args.bank_size} columns, init loss "
+                                      f"{init_loss.item():.4f}", markup=False, highlight=False)
+                if filled >= args.bank_size:
+                    break
+            init_epoch += 1
+        momentum_update(encoder_q, encoder_k, 0.0)  # θ_k <- θ_q: the EMA of the init steps is discarded
+        metrics.write({"epoch": 0, "step": 0, "bank_init_steps": init_steps, "bank_init_loss": init_loss.item()})
+        run.console.print(f"bank initialised: {args.bank_size} unit key embeddings in {init_steps} steps; key "
+                          f"encoder reset to the query encoder", markup=False)
+
+    def checkpoint_state(next_epoch: int, next_batch: int) -> dict:
+        return {"method": METHOD, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
+                "step": step, "encoder_q": encoder_q.state_dict(), "encoder_k": encoder_k.state_dict(),
+                "bank": bank.cpu(), "bank_velocity": bank_velocity.cpu(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": all_rng_states(device)}
+
+    # ---- 6. train loop: the network step, then the bank step ----------------------------------------------
+    tail = StepTail(args, run, steps_per_epoch, metrics, checkpoint_state, knn_sets, encoder_q.backbone, autocast,
+                    log_values=lambda: {"bank_norm": bank.norm(dim=0).mean().item()})  # mean |W_k|
+    encoder_q.train()
+    encoder_k.train()  # f_k's BN uses batch statistics (of the shuffled batch), as upstream
+    labels = own_key_labels(run.batch_per_rank, run.rank, device)  # [N]: y_i = r*N + i, the same every step
+    warned_dead_bank = False
+    with make_progress(run.console) as progress:
+        task = progress.add_task("train", total=(args.epochs - start_epoch) * steps_per_epoch - start_batch)
+        for epoch in range(start_epoch, args.epochs):
+            first_batch = start_batch if epoch == start_epoch else 0
+            loader.sampler.set_epoch(epoch, first_batch)
+            lr = cosine_lr(epoch, lr_peak, lr_final, args.epochs)  # per epoch; the bank's η is constant
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for batch_idx, (views, _) in enumerate(loader, start=first_batch):
+                crops = [to_device(v) for v in views]  # 2 views, or [key crop, 5 query crops]
+
+                # METHOD: one AdCo step. Queries with gradient, one forward per crop (BN per crop, as upstream).
+                queries = {}
+                for c in query_crops:
+                    with autocast():
+                        out = model(crops[c])
+                    queries[c] = F.normalize(out.float(), dim=1)  # [N, C], fp32
+                # keys, no gradient: EMA first (θ_q after the previous step), ShuffleBN forward per key crop,
+                # then k_all [B, C] in global rank order (own keys at rows r*N .. r*N+N-1)
+                with torch.no_grad():
+                    momentum_update(encoder_q, encoder_k, args.moco_m)
+                    keys_all = {c: concat_all_gather(embed_keys(crops[c])) for c in key_crops}
+                out = adco_loss_and_bank_grad([(queries[i], keys_all[j], w) for i, j, w in plan], bank, labels,
+                                              args.moco_t, args.mem_t)  # both from the bank BEFORE its step
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()  # DDP averages the network gradient over ranks
+                scaler.step(optimizer)
+                scaler.update()
+                # the adversarial bank step: G averaged over ranks (ONE all-reduce of [C, K]), then
+                # v <- μ v + G + λ W, W <- W - η v: descending along G = -∂L/∂W ascends L_τm
+                bank_momentum_step(bank, bank_velocity, all_reduce_mean(out.grad), args.mem_lr, args.mem_momentum,
+                                   args.mem_wd)
+
+                step += 1
+                progress.advance(task)
+                stats = {"loss": out.loss, "pos_prob": out.pos_prob, "acc": 100 * out.acc, "bank_share": out.bank_share}
+                stop = tail(epoch, batch_idx + 1, step, stats, lr=lr, mem_lr=args.mem_lr)
+                if tail.record and tail.record["bank_share"] < DEAD_BANK_SHARE and not warned_dead_bank:
+                    warned_dead_bank = True  # once per run; bank_share stays in every log line
+                    run.console.print(f"WARNING: the bank holds {tail.record['bank_share']:.1e} of the τ_m-softmax "
+                                      f"(< {DEAD_BANK_SHARE:g}): its gradient has vanished, so the adversaries no "
+                                      "longer move and the loss is in-batch InfoNCE only. docs/adco.md: 'AdCo: a "
+                                      "dead bank'.", markup=False, highlight=False)
+                if stop:
+                    break
+            if tail.stopped:
+                break
+
+    # ---- 7. teardown (the process group is destroyed by cli()) ----------------------------------------------
+    tail.finish(step)
+    return {"encoder_q": encoder_q, "encoder_k": encoder_k, "bank": bank, "bank_velocity": bank_velocity}
+
+
+# =====================================================================================================
+# APPENDIX: the plumbing. Fenced blocks are byte-identical in every script that carries them
+# (tests/test_shared_blocks.py finds them); fix one, then: python tests/test_shared_blocks.py --sync FILE.py
 # =====================================================================================================
 # >>> shared: distributed
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """Returns (global rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain
-    `python script.py` is one process with no process group. NCCL on GPUs, gloo on CPU.
-
-    The rank used everywhere is the GLOBAL rank (official AdCo uses the local GPU index, which is wrong on
-    every node but the first). The local rank only picks the GPU.
-    """
+    """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` is one
+    process without a process group. NCCL on GPUs, gloo on CPU. The local rank only picks the GPU."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -473,12 +568,11 @@ def is_distributed() -> bool:
 
 @torch.no_grad()
 def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """[N, ...] on every rank -> [R*N, ...] on every rank, in rank order (rank 0's rows first).
-    Identity with one process. Warning: all_gather has no gradient; use only on keys / no-grad tensors."""
+    """[N, ...] on every rank -> [R*N, ...] on every rank, rank 0's rows first. No gradient."""
     if not is_distributed():
         return x
-    # Send and receive buffers must share one memory layout: a channels_last image batch sent into NCHW
-    # buffers (or the reverse) can arrive with scrambled pixels and no error. So gather plain NCHW copies.
+    # Send and receive buffers must share one memory layout: a channels_last batch gathered into NCHW
+    # buffers (or the reverse) can arrive with scrambled pixels and no error. So gather NCHW copies.
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x)
@@ -486,7 +580,7 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """In-place mean over ranks (one all_reduce); identity with one process. Returns x."""
+    """In place: the mean over ranks (one all_reduce); identity with one process. Returns x."""
     if is_distributed():
         dist.all_reduce(x)
         x.div_(dist.get_world_size())
@@ -497,17 +591,15 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 # >>> shared: shuffle-bn
 @torch.no_grad()
 def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ShuffleBN, step 1 (MoCo section 3.3): gather the key images of all ranks, permute them with rank 0's
-    random permutation, give each rank one slice. The key encoder's per-GPU BN then sees a random subset
-    of the global batch, so BN statistics cannot leak which key belongs to which query.
-    One process: a local permutation, which changes BN only together with --bn-splits (SplitBatchNorm2d).
-    Returns (this rank's shuffled images [N, ...], the inverse permutation)."""
+    """ShuffleBN step 1 (MoCo section 3.3): gather all ranks' key images, permute them with rank 0's
+    permutation, give each rank one slice, so per-GPU BN cannot leak which key belongs to which query.
+    One process: a local permutation (it matters only with --bn-splits). Returns (images, inverse perm)."""
     if not is_distributed():
         idx_shuffle = torch.randperm(x.shape[0], device=x.device)
         mine, idx_unshuffle = x[idx_shuffle], torch.argsort(idx_shuffle)
     else:
         rank, world = dist.get_rank(), dist.get_world_size()
-        x_all = concat_all_gather(x)  # [R*N, ...], gathered as plain NCHW
+        x_all = concat_all_gather(x)  # [R*N, ...]
         idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
         dist.broadcast(idx_shuffle, src=0)  # every rank uses rank 0's permutation
         idx_unshuffle = torch.argsort(idx_shuffle)
@@ -519,22 +611,17 @@ def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
-    """ShuffleBN, step 2: gather the shuffled key features and return this rank's own samples, in their
-    original order (so k_i again belongs to q_i)."""
+    """ShuffleBN step 2: this rank's own key features, in their original order (k_i pairs q_i again)."""
     if not is_distributed():
         return x[idx_unshuffle]
     rank, world = dist.get_rank(), dist.get_world_size()
-    x_all = concat_all_gather(x)  # [R*N, C] in shuffled order
-    return x_all[idx_unshuffle.view(world, -1)[rank]]
+    return concat_all_gather(x)[idx_unshuffle.view(world, -1)[rank]]
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """Training-mode BN over S interleaved sub-batches (samples n with n mod S = s), so that one process
-    behaves like S GPUs with per-GPU BN and ShuffleBN can work without DDP (--bn-splits S; the MoCo
-    authors' CIFAR-10 demo uses S = 8). The running statistics are the mean of the S sub-batches' updates.
-    Eval mode is plain BN. Same parameters and buffers as nn.BatchNorm2d: checkpoints do not change.
-    Cost: a channels_last input is copied by the reshape and comes back NCHW (the sub-batches are not
-    contiguous in that layout); time it with benchmarks/throughput.py --bn-splits 8 --sweep."""
+    """Training-mode BN over S interleaved sub-batches (samples n mod S = s): one process behaves like S GPUs
+    with per-GPU BN, so ShuffleBN works on one GPU (--bn-splits S; MoCo's CIFAR-10 demo uses 8). Running
+    statistics = mean of the S sub-batch updates; eval mode is plain BN; same state dict as nn.BatchNorm2d."""
 
     def __init__(self, bn: nn.BatchNorm2d, splits: int):
         if not (bn.affine and bn.track_running_stats and bn.momentum is not None):
@@ -568,17 +655,20 @@ def use_split_bn(module: nn.Module, splits: int) -> nn.Module:
         else:
             use_split_bn(child, splits)
     return module
+
+
+def check_bn_splits(splits: int, batch_per_rank: int) -> None:
+    if splits < 1 or batch_per_rank % splits or (splits > 1 and batch_per_rank < 2 * splits):
+        raise UserError(f"--bn-splits {splits} must be >= 1 and divide the per-process batch {batch_per_rank} "
+                        "into sub-batches of at least 2 images")
 # <<< shared: shuffle-bn
 
 
 # >>> shared: amp
 def setup_amp(device: torch.device, enabled: bool):
-    """Returns (autocast context factory, GradScaler, dtype or None).
-
-    bf16 autocast on GPUs that support it (no loss scaling needed); fp16 + GradScaler on older GPUs;
-    plain fp32 on CPU or with --no-amp. Autocast covers the encoders only: every script casts embeddings to
-    fp32 before normalising, and computes logits, softmax, KL and bank/queue arithmetic in fp32.
-    """
+    """(autocast factory, GradScaler, dtype or None): bf16 on GPUs that have it, else fp16 + loss scaling;
+    fp32 on CPU or with --no-amp. Only the encoders run under autocast: embeddings are cast to fp32 before
+    normalising, and logits, softmax, KL and queue/bank arithmetic are fp32."""
     dtype = None
     if enabled and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -586,8 +676,7 @@ def setup_amp(device: torch.device, enabled: bool):
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    return autocast, scaler, dtype
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype is torch.float16), dtype
 # <<< shared: amp
 
 
@@ -616,15 +705,15 @@ def all_rng_states(device: torch.device) -> list:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic write: a crash while saving leaves the previous file intact (temp file + rename)."""
+    """Atomic: temp file + rename, so a crash while saving leaves the previous file intact."""
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
 def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
-    """--resume None: start fresh, but never over an existing run; 'auto': <out-dir>/last.pt if present;
-    otherwise a path that must exist. Returns the checkpoint to load, or None."""
+    """The checkpoint to load, or None. --resume None: a fresh run, never over an existing one; 'auto':
+    <out-dir>/last.pt if it exists; else a path that must exist."""
     last = os.path.join(out_dir, "last.pt")
     if resume is None:
         if os.path.exists(last):
@@ -657,8 +746,7 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     if not isinstance(ckpt, dict) or found != METHOD:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
         raise UserError(f"{path} is not a {METHOD}.py checkpoint (it holds {what})")
-    # arguments added later take the value that reproduces what older checkpoints did
-    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}
+    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}  # flags added later: the value older runs had
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
                for k in must_match if old.get(k) != getattr(args, k)]
     if changed:
@@ -675,7 +763,7 @@ def make_console(rank: int) -> Console:
 
 
 def print_args(console: Console, args, derived: dict) -> None:
-    """The run's arguments (and derived values) as a table. Text() cells: paths are never parsed as markup."""
+    """The arguments and derived values as a table; Text() cells, so paths are never parsed as markup."""
     table = Table(title=f"{METHOD}.py", show_header=True, header_style="bold")
     table.add_column("argument")
     table.add_column("value")
@@ -691,10 +779,8 @@ def make_progress(console: Console) -> Progress:
 
 
 class MetricsLog:
-    """<out-dir>/metrics.jsonl, one JSON object per line, written by rank 0.
-
-    On resume, records with a step after the checkpoint's (logged by the interrupted run after its last
-    checkpoint) are dropped, so the file reads as one uninterrupted run."""
+    """<out-dir>/metrics.jsonl, one JSON record per line, written by rank 0. On resume, records after the
+    checkpoint's step (logged after the last checkpoint) are dropped: the file reads as one run."""
 
     def __init__(self, path: str, rank: int, resume_step: Optional[int]):
         self.path, self.active = path, rank == 0
@@ -714,10 +800,174 @@ class MetricsLog:
 # <<< shared: console
 
 
+# >>> shared: pretrain
+@dataclass
+class Run:
+    """What every pre-training main() sets up alike: processes, console, sizes, the checkpoint to resume."""
+    rank: int
+    world: int
+    device: torch.device
+    console: Console
+    batch_per_rank: int
+    resume_path: Optional[str] = None
+    ckpt: Optional[dict] = None
+
+
+def setup_run(args) -> Run:
+    """Processes, device, console, the per-process batch and the seeds; touches no file."""
+    rank, world, device = setup_distributed()
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the "
+                        f"{world} processes")
+    torch.manual_seed(args.seed)  # identical initial weights and negatives on every rank
+    random.seed(args.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return Run(rank, world, device, make_console(rank), args.batch_size // world)
+
+
+def open_run_folder(run: Run, args, must_match: tuple) -> bool:
+    """Sets run.ckpt (the checkpoint to resume) and makes --out-dir. False: it already finished --epochs."""
+    run.resume_path = resolve_resume(args.resume, args.out_dir)
+    run.ckpt = load_checkpoint(run.resume_path, args, must_match) if run.resume_path else None
+    if run.ckpt is not None and run.ckpt["next_epoch"] >= args.epochs:
+        run.console.print(f"{run.resume_path} already finished {run.ckpt['next_epoch']} epochs; nothing to do "
+                          f"(raise --epochs to train longer)", markup=False)
+        return False
+    os.makedirs(args.out_dir, exist_ok=True)
+    return True
+
+
+def make_knn_sets(args, console: Console):
+    """(memory, val) datasets of the kNN monitor, eval transform; None when off or without a val split."""
+    if args.knn_every <= 0:
+        return None
+    try:
+        split = [make_dataset(args.dataset, args.data, s, eval_transform(args.image_size), args.synthetic_images,
+                              args.image_size, args.seed) for s in ("train", "val")]
+    except UserError as e:
+        console.print(f"kNN monitor off: {e}", markup=False)
+        return None
+    stride = max(1, round(1 / args.knn_train_fraction))  # every stride-th train image is memory
+    return torch.utils.data.Subset(split[0], range(0, len(split[0]), stride)), split[1]
+
+
+def restore_training(run: Run, encoder_q: nn.Module, encoder_k: nn.Module, optimizer, scaler) -> tuple:
+    """Encoders, optimizer, scaler and this rank's RNG from run.ckpt (the caller restores its queue or bank).
+    Returns (start epoch, start batch, global step): (0, 0, 0) for a fresh run."""
+    ckpt = run.ckpt
+    if ckpt is None:
+        return 0, 0, 0
+    encoder_q.load_state_dict(ckpt["encoder_q"])
+    encoder_k.load_state_dict(ckpt["encoder_k"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == run.world:
+        set_rng_state(ckpt["rng"][run.rank], run.device)
+    else:
+        run.console.print(f"resuming on {run.world} processes from a run on {len(ckpt['rng'])}: RNG streams restart")
+    return ckpt["next_epoch"], ckpt["next_batch"], ckpt["step"]
+
+
+def wrap_model(encoder_q: nn.Module, run: Run, compile_model: bool) -> nn.Module:
+    """DDP (averages the gradients) around the query encoder with several processes; then torch.compile."""
+    model = encoder_q
+    if run.world > 1:
+        model = DDP(encoder_q, device_ids=[run.device] if run.device.type == "cuda" else None)
+    return torch.compile(model) if compile_model else model
+
+
+def announce(run: Run, args, derived: dict) -> None:
+    """args.json in the run folder (rank 0) and the table of arguments and derived values."""
+    if run.rank == 0:
+        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    resumed = "-" if run.ckpt is None else \
+        f"{run.resume_path} (epoch {run.ckpt['next_epoch']}, batch {run.ckpt['next_batch']})"
+    print_args(run.console, args, {"world size": run.world, "device": run.device,
+                                   "per-process batch": run.batch_per_rank, **derived, "resumed from": resumed})
+
+
+class StepTail:
+    """The end of every training step, alike in every script, and the only place with host syncs.
+
+    A step hands in its statistics by name (0-dim device tensors), summed on the device. Every --log-every
+    steps and before each checkpoint: ONE all-reduce of the sums, the non-finite guard, a metrics.jsonl
+    record, a console line. End of epoch: the kNN monitor (every --knn-every epochs). last.pt at the end of
+    each epoch, every --ckpt-every-steps and at --stop-at-step. checkpoint_state(next_epoch, next_batch) is
+    the method's checkpoint; log_values() adds host values read only when logging."""
+
+    def __init__(self, args, run: Run, steps_per_epoch: int, metrics: MetricsLog, checkpoint_state, knn_sets,
+                 backbone: nn.Module, autocast, log_values=dict):
+        self.args, self.run, self.steps_per_epoch, self.metrics = args, run, steps_per_epoch, metrics
+        self.checkpoint_state, self.knn_sets, self.backbone, self.autocast = checkpoint_state, knn_sets, backbone, autocast
+        self.log_values, self.names, self.sums = log_values, None, None
+        self.window_start, self.record, self.stopped = time.perf_counter(), None, False
+
+    def __call__(self, epoch: int, done: int, step: int, stats: dict, **fields) -> bool:
+        """After `done` batches of `epoch`, at global step `step`; fields (lr, ...) are logged as given.
+        Returns True when the run stops here (--stop-at-step), after its checkpoint."""
+        args = self.args
+        values = torch.stack([*(v.detach().float() for v in stats.values()), torch.ones((), device=self.run.device)])
+        if self.sums is None:
+            self.names, self.sums = list(stats), torch.zeros_like(values)
+        self.sums += values  # the last entry counts the steps
+        end_of_epoch = done == self.steps_per_epoch
+        self.stopped = args.stop_at_step is not None and step >= args.stop_at_step
+        save = end_of_epoch or self.stopped or (args.ckpt_every_steps > 0 and step % args.ckpt_every_steps == 0)
+        self.record = self.log(epoch, done, step, fields) if done % args.log_every == 0 or save else None
+        if end_of_epoch and self.knn_sets is not None and (epoch + 1) % args.knn_every == 0:
+            self.knn_monitor(epoch, step)
+        if save:
+            state = self.checkpoint_state(epoch + 1, 0) if end_of_epoch else self.checkpoint_state(epoch, done)
+            if self.run.rank == 0:
+                save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
+        if self.stopped:
+            self.run.console.print(f"stopped at step {step} (--stop-at-step); continue with --resume auto")
+        return self.stopped
+
+    def log(self, epoch: int, done: int, step: int, fields: dict) -> dict:
+        *totals, steps = all_reduce_mean(self.sums.clone()).tolist()
+        record = {"epoch": epoch, "step": step, **fields, **{k: t / steps for k, t in zip(self.names, totals)},
+                  **self.log_values(), "img_per_s": steps * self.args.batch_size / (time.perf_counter() - self.window_start)}
+        if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
+            bad = os.path.join(self.args.out_dir, f"nonfinite_step{step}.pt")  # last.pt stays the last good state
+            state = self.checkpoint_state(epoch, done)
+            if self.run.rank == 0:
+                save_checkpoint(bad, state)
+            raise UserError(f"non-finite loss or state at epoch {epoch}, step {step} ({record}); "
+                            f"{os.path.join(self.args.out_dir, 'last.pt')} is the last good checkpoint, "
+                            f"the diverged state is in {bad}")
+        if self.run.device.type == "cuda":
+            record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.run.device) / 2**30
+        self.metrics.write(record)
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "step"))
+        self.run.console.print(f"epoch {epoch} [{done}/{self.steps_per_epoch}] step {step}  {shown}",
+                               markup=False, highlight=False)
+        self.sums.zero_()
+        self.window_start = time.perf_counter()
+        return record
+
+    def knn_monitor(self, epoch: int, step: int) -> None:
+        try:  # a monitor must never end a training run
+            top1, top5 = knn_accuracy(self.backbone, *self.knn_sets, self.run.batch_per_rank * 2, self.run.device,
+                                      self.args.knn_k, self.args.knn_t, self.args.workers, self.autocast)
+            self.metrics.write({"epoch": epoch, "step": step, "knn_top1": top1, "knn_top5": top5})
+            self.run.console.print(f"epoch {epoch}  kNN top-1 {top1:.2f}  top-5 {top5:.2f}", markup=False)
+        except Exception as e:  # noqa: BLE001
+            self.run.console.print(f"kNN monitor failed, training continues: {type(e).__name__}: {e}", markup=False)
+
+    def finish(self, step: int) -> None:
+        if not self.stopped:
+            last = os.path.join(self.args.out_dir, "last.pt")
+            self.run.console.print(f"done: {self.args.epochs} epochs, {step} steps; checkpoint {last}", markup=False)
+# <<< shared: pretrain
+
+
 # >>> shared: entry
 def cli(main, args_type) -> None:
-    """Parse the Args dataclass (tyro: --help comes from the field docstrings), run main, and turn a
-    UserError into one line on stderr and exit code 2 (no traceback). Always tears down the process group."""
+    """Parses Args with tyro (--help comes from the field docstrings) and runs main. A UserError becomes one
+    line on stderr and exit code 2, no traceback. Always tears down the process group."""
     args = tyro.cli(args_type, console_outputs=int(os.environ.get("RANK", "0")) == 0)
     try:
         main(args)
@@ -731,292 +981,6 @@ def cli(main, args_type) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 # <<< shared: entry
-
-
-# =====================================================================================================
-# main
-# =====================================================================================================
-def main(args: Args) -> dict:
-    """Trains and returns the final state {"encoder_q", "encoder_k", "bank", "bank_velocity", "last_step"}
-    (for tests; last_step holds this rank's labels, own keys and gathered keys of the last step)."""
-    # ---- 1. setup: processes, sizes, seeds ------------------------------------------------------------
-    rank, world, device = setup_distributed()
-    console = make_console(rank)
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the "
-                        f"{world} processes")
-    batch_per_rank = args.batch_size // world
-    too_small = args.bn_splits > 1 and batch_per_rank < 2 * args.bn_splits  # a sub-batch needs 2 images
-    if args.bn_splits < 1 or batch_per_rank % args.bn_splits or too_small:
-        raise UserError(f"--bn-splits {args.bn_splits} must be >= 1 and divide the per-process batch {batch_per_rank} "
-                        "into sub-batches of at least 2 images")
-    if args.sym and args.multi_crop:
-        raise UserError("--sym with --multi-crop is not supported (upstream: 'we have yet to support multi crop "
-                        "with symmetrical loss'); choose one")
-    if args.bank_size <= 0 or min(args.moco_t, args.mem_t) <= 0 or args.mem_lr < 0:
-        raise UserError("--bank-size must be positive, --moco-t and --mem-t > 0, --mem-lr >= 0")
-    if args.bank_init and args.bank_size % args.batch_size:
-        raise UserError(f"--bank-size {args.bank_size} must be a multiple of the global --batch-size "
-                        f"{args.batch_size} (bank initialisation fills it with one global batch of keys per step; "
-                        f"or pass --no-bank-init)")
-    lr_peak = args.lr * args.batch_size / 256  # linear scaling rule: lr per 256 images
-    lr_final = args.lr_final * args.batch_size / 256  # the final value scales the same way
-    torch.manual_seed(args.seed)  # identical initial weights and bank on every rank
-    random.seed(args.seed + rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    # ---- 2. run folder, resume --------------------------------------------------------------------------
-    resume_path = resolve_resume(args.resume, args.out_dir)
-    ckpt = load_checkpoint(resume_path, args, MUST_MATCH) if resume_path else None
-    if ckpt is not None and ckpt["next_epoch"] >= args.epochs:
-        console.print(f"{resume_path} already finished {ckpt['next_epoch']} epochs; nothing to do "
-                      f"(raise --epochs to train longer)", markup=False)
-        return {}
-    os.makedirs(args.out_dir, exist_ok=True)
-
-    # ---- 3. data: MoCo v2 augmentation; 2 views, or 1 key crop + 5 query crops (augmentations()) ---------
-    train_set = make_dataset(args.dataset, args.data, "train",
-                             augmentations(args.image_size, args.multi_crop, args.blur),
-                             args.synthetic_images, args.image_size, args.seed)
-    loader = make_loader(train_set, batch_per_rank, rank, world, args.workers, args.seed)
-    steps_per_epoch = len(loader.sampler) // batch_per_rank
-    plan = crop_plan(args.sym, args.multi_crop)  # [(query crop, key crop, weight)]
-    query_crops = sorted({i for i, _, _ in plan})  # crops through f_q (with gradient)
-    key_crops = sorted({j for _, j, _ in plan})  # crops through f_k (ShuffleBN, no gradient)
-    knn_sets = None
-    if args.knn_every > 0:
-        try:
-            memory = make_dataset(args.dataset, args.data, "train", eval_transform(args.image_size),
-                                  args.synthetic_images, args.image_size, args.seed)
-            stride = max(1, round(1 / args.knn_train_fraction))
-            memory = torch.utils.data.Subset(memory, range(0, len(memory), stride))
-            knn_sets = (memory, make_dataset(args.dataset, args.data, "val", eval_transform(args.image_size),
-                                             args.synthetic_images, args.image_size, args.seed))
-        except UserError as e:
-            console.print(f"kNN monitor off: {e}", markup=False)
-
-    # ---- 4. model, bank, optimizer ----------------------------------------------------------------------
-    encoder_q = Encoder(args.arch, args.small_stem, args.mlp_dim, args.dim).to(device)
-    if args.bn_splits > 1:
-        use_split_bn(encoder_q.backbone, args.bn_splits)  # before the copy: f_k gets split BN too
-    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # θ_k = θ_q at start (AdCo.py L33-35)
-    if device.type == "cuda" and args.channels_last:
-        encoder_q.to(memory_format=torch.channels_last)
-        encoder_k.to(memory_format=torch.channels_last)
-    # The bank W: [C, K], fp32, UN-normalised, outside DDP (no autograd: its gradient is bank_grad's closed
-    # form). randn from --seed, so identical on every rank (upstream: unseeded). Bank initialisation
-    # (section 5) overwrites every column with a unit key; --no-bank-init trains from this randn.
-    bank = torch.randn(args.dim, args.bank_size).to(device)
-    bank_velocity = torch.zeros_like(bank)  # v: the bank's momentum buffer, v_0 = 0 (as torch's SGD)
-    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=lr_peak, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    autocast, scaler, amp_dtype = setup_amp(device, args.amp)
-    torch.manual_seed(args.seed + rank)  # from here on: per-rank randomness (augmentations, ShuffleBN perm)
-
-    def to_device(x):
-        x = x.to(device, non_blocking=True)
-        return x.to(memory_format=torch.channels_last) if device.type == "cuda" and args.channels_last else x
-
-    def embed_keys(x: torch.Tensor) -> torch.Tensor:
-        """k = normalize(f_k(x)) with ShuffleBN, no gradient: [N, C] fp32, k_i pairs with this rank's image i."""
-        x, idx_unshuffle = batch_shuffle(x)
-        with autocast():
-            k = encoder_k(x)
-        return batch_unshuffle(F.normalize(k.float(), dim=1), idx_unshuffle)
-
-    # ---- 5. restore, or (fresh run) initialise the bank ------------------------------------------------
-    start_epoch, start_batch, step = 0, 0, 0
-    if ckpt is not None:
-        encoder_q.load_state_dict(ckpt["encoder_q"])
-        encoder_k.load_state_dict(ckpt["encoder_k"])
-        bank.copy_(ckpt["bank"])  # W and v: the bank continues exactly where it was (init is never redone)
-        bank_velocity.copy_(ckpt["bank_velocity"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_batch, step = ckpt["next_epoch"], ckpt["next_batch"], ckpt["step"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank], device)
-        else:
-            console.print(f"resuming on {world} processes from a run on {len(ckpt['rng'])}: RNG streams restart")
-    model = DDP(encoder_q, device_ids=[device] if device.type == "cuda" else None) if world > 1 else encoder_q
-    if args.compile:
-        model = torch.compile(model)
-    metrics = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), rank, step if ckpt else None)
-    if rank == 0:
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-    print_args(console, args, {
-        "world size": world, "device": device, "per-process batch N": batch_per_rank,
-        "lr used (lr x B/256)": lr_peak, "final lr": lr_final, "amp dtype": amp_dtype or "fp32",
-        "steps per epoch": steps_per_epoch, "loss terms (query crop, key crop, weight)": plan,
-        "bank initialisation": (f"{args.bank_size // args.batch_size} steps" if args.bank_init else "off (randn)")
-                               if ckpt is None else "restored from checkpoint",
-        "resumed from": f"{resume_path} (epoch {start_epoch}, batch {start_batch})" if ckpt else "-",
-    })
-    if world == 1 and args.bn_splits == 1:
-        console.print("one process with --bn-splits 1: ShuffleBN cannot hide the key batch from BN (one BN "
-                      "batch for all keys); on one GPU use --bn-splits 8 (as on 8 GPUs)")
-
-    if ckpt is None and args.bank_init:
-        # Bank initialisation (train.py L247-305): K/B steps of MoCo-style training, own key as the only
-        # positive (label 0), temperature τ, at the epoch-0 lr. The network really trains here and SGD's
-        # momentum carries into epoch 0. After each step the global batch of keys fills the next B columns:
-        # W[:, f : f+B] <- k_allᵀ (unit vectors, identical on every rank). Then θ_k <- θ_q.
-        encoder_q.train()
-        encoder_k.train()
-        init_q, init_k = (1, 0) if args.multi_crop else (0, 1)  # (query crop, key crop): 224 vs 224 key crop
-        filled, init_epoch, init_steps = 0, 0, 0
-        while filled < args.bank_size:
-            loader.sampler.set_epoch(init_epoch)  # epoch 0's order first, as upstream (no set_epoch before init)
-            for views, _ in loader:
-                with autocast():
-                    q = model(to_device(views[init_q]))
-                q = F.normalize(q.float(), dim=1)  # [N, C]
-                with torch.no_grad():
-                    momentum_update(encoder_q, encoder_k, args.moco_m)
-                    k = embed_keys(to_device(views[init_k]))  # [N, C]
-                logits, labels0 = init_logits(q, k, bank, args.moco_t)
-                init_loss = F.cross_entropy(logits, labels0)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(init_loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                filled = fill_bank(bank, filled, concat_all_gather(k))  # W[:, f:f+B] <- k_allᵀ
-                init_steps += 1
-                if init_steps % args.log_every == 0 or filled >= args.bank_size:
-                    console.print(f"bank initialisation: {filled}/{args.bank_size} columns, init loss "
-                                  f"{init_loss.item():.4f}", markup=False, highlight=False)
-                if filled >= args.bank_size:
-                    break
-            init_epoch += 1
-        momentum_update(encoder_q, encoder_k, 0.0)  # θ_k <- θ_q: the EMA of the init steps is discarded
-        metrics.write({"epoch": 0, "step": 0, "bank_init_steps": init_steps, "bank_init_loss": init_loss.item()})
-        console.print(f"bank initialised: {args.bank_size} unit key embeddings in {init_steps} steps; key encoder "
-                      f"reset to the query encoder", markup=False)
-
-    def checkpoint_state(next_epoch: int, next_batch: int) -> dict:
-        return {"method": METHOD, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
-                "step": step, "encoder_q": encoder_q.state_dict(), "encoder_k": encoder_k.state_dict(),
-                "bank": bank.cpu(), "bank_velocity": bank_velocity.cpu(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": all_rng_states(device)}
-
-    # ---- 6. train loop ----------------------------------------------------------------------------------
-    encoder_q.train()
-    encoder_k.train()  # f_k's BN uses batch statistics (of the shuffled batch), as upstream
-    labels = own_key_labels(batch_per_rank, rank, device)  # [N]: y_i = r*N + i, the same every step
-    last_step = None
-    # Running sums on the device (no host sync per step): loss, pos_prob, acc, bank_share, steps.
-    sums = torch.zeros(5, device=device)
-    warned_dead_bank = False
-    window_start = time.perf_counter()
-    with make_progress(console) as progress:
-        task = progress.add_task("train", total=(args.epochs - start_epoch) * steps_per_epoch - start_batch)
-        for epoch in range(start_epoch, args.epochs):
-            first_batch = start_batch if epoch == start_epoch else 0
-            loader.sampler.set_epoch(epoch, first_batch)
-            lr = cosine_lr(epoch, lr_peak, lr_final, args.epochs)  # per epoch (main_worker.py L195)
-            mem_lr = args.mem_lr  # η: constant, as upstream
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for batch_idx, (views, _) in enumerate(loader, start=first_batch):
-                crops = [to_device(v) for v in views]  # 2 views, or [key crop, 5 query crops]
-
-                # queries q = normalize(f_q(crop)), with gradient; one forward per crop (BN per crop, as upstream)
-                queries = {}
-                for c in query_crops:
-                    with autocast():
-                        out = model(crops[c])
-                    queries[c] = F.normalize(out.float(), dim=1)  # [N, C], fp32
-                # keys, no gradient: EMA first (θ_q after the previous step), then ShuffleBN forward per key
-                # crop, then gather: k_all [B, C] in global rank order (own keys at rows r*N .. r*N+N-1)
-                with torch.no_grad():
-                    momentum_update(encoder_q, encoder_k, args.moco_m)
-                    keys = {c: embed_keys(crops[c]) for c in key_crops}  # [N, C]: this rank's own keys
-                    keys_all = {c: concat_all_gather(keys[c]) for c in key_crops}  # [B, C]
-                terms = [(queries[i], keys_all[j], w) for i, j, w in plan]
-
-                # the network's loss L_τ and the bank's gradient G = -∂L_τm/∂W, both from the bank BEFORE
-                # its step and from these (pre-step) features
-                loss, grad, pos_prob, acc, bank_share = adco_loss_and_bank_grad(terms, bank, labels, args.moco_t,
-                                                                                args.mem_t)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()  # DDP averages the network gradient over ranks
-                scaler.step(optimizer)
-                scaler.update()
-
-                # the adversarial bank step (train.py L60-67):
-                #   G <- mean over ranks of G      (ONE all-reduce of [C, K]: the global-batch-mean gradient)
-                #   v <- μ v + G + λ W;  W <- W - η v   (descending along G = -∂L/∂W: ASCENT of L_τm)
-                bank_momentum_step(bank, bank_velocity, all_reduce_mean(grad), mem_lr, args.mem_momentum,
-                                   args.mem_wd)
-
-                step += 1
-                progress.advance(task)
-                sums += torch.stack([loss.detach(), pos_prob, acc, bank_share, torch.ones((), device=device)])
-                last_step = {"labels": labels, "keys": keys[plan[0][1]], "keys_all": keys_all[plan[0][1]]}
-
-                # ---- logging, non-finite guard, checkpoints (the only host syncs) ----------------------
-                done = batch_idx + 1
-                end_of_epoch = done == steps_per_epoch
-                stop = args.stop_at_step is not None and step >= args.stop_at_step
-                save = end_of_epoch or stop or (args.ckpt_every_steps > 0 and step % args.ckpt_every_steps == 0)
-                if done % args.log_every == 0 or save:
-                    totals = all_reduce_mean(sums.clone()).tolist()
-                    n = totals[4]
-                    elapsed = time.perf_counter() - window_start
-                    record = {"epoch": epoch, "step": step, "lr": lr, "mem_lr": mem_lr, "loss": totals[0] / n,
-                              "pos_prob": totals[1] / n, "acc": 100 * totals[2] / n, "bank_share": totals[3] / n,
-                              "bank_norm": bank.norm(dim=0).mean().item(), "img_per_s": n * args.batch_size / elapsed}
-                    if not all(math.isfinite(v) for v in totals) or not math.isfinite(record["bank_norm"]):
-                        # keep last.pt (the last good state); save the diverged state beside it for inspection
-                        bad = os.path.join(args.out_dir, f"nonfinite_step{step}.pt")
-                        state = checkpoint_state(epoch, done)
-                        if rank == 0:
-                            save_checkpoint(bad, state)
-                        raise UserError(f"non-finite loss or bank at epoch {epoch}, step {step} ({record}); "
-                                        f"{os.path.join(args.out_dir, 'last.pt')} is the last good checkpoint, "
-                                        f"the diverged state is in {bad}")
-                    if device.type == "cuda":
-                        record["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    metrics.write(record)
-                    console.print(f"epoch {epoch} [{done}/{steps_per_epoch}] step {step}  loss {record['loss']:.4f}  "
-                                  f"pos_prob {record['pos_prob']:.4f}  acc {record['acc']:.1f}  "
-                                  f"bank_share {record['bank_share']:.4f}  "
-                                  f"|W_k| {record['bank_norm']:.3f}  lr {lr:.5f}  mem_lr {mem_lr:g}  "
-                                  f"{record['img_per_s']:.0f} img/s", markup=False, highlight=False)
-                    if record["bank_share"] < DEAD_BANK_SHARE and not warned_dead_bank:
-                        warned_dead_bank = True  # once per run; bank_share stays in every log line
-                        console.print(f"WARNING: the bank holds {record['bank_share']:.1e} of the τ_m-softmax "
-                                      f"(< {DEAD_BANK_SHARE:g}): its gradient has vanished, so the adversaries no "
-                                      "longer move and the loss is in-batch InfoNCE only. README: 'AdCo: a dead "
-                                      "bank'.", markup=False, highlight=False)
-                    sums.zero_()
-                    window_start = time.perf_counter()
-
-                # ---- 7. end of epoch: kNN monitor, checkpoint --------------------------------------------------
-                if end_of_epoch and knn_sets is not None and (epoch + 1) % args.knn_every == 0:
-                    try:  # a monitor must never end a training run
-                        top1_knn, top5_knn = knn_accuracy(encoder_q.backbone, *knn_sets, batch_per_rank * 2,
-                                                          device, args.knn_k, args.knn_t, args.workers, autocast)
-                        metrics.write({"epoch": epoch, "step": step, "knn_top1": top1_knn, "knn_top5": top5_knn})
-                        console.print(f"epoch {epoch}  kNN top-1 {top1_knn:.2f}  top-5 {top5_knn:.2f}", markup=False)
-                    except Exception as e:  # noqa: BLE001
-                        console.print(f"kNN monitor failed, training continues: {type(e).__name__}: {e}", markup=False)
-                if save:
-                    state = checkpoint_state(epoch + 1, 0) if end_of_epoch else checkpoint_state(epoch, done)
-                    if rank == 0:
-                        save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
-                if stop:
-                    console.print(f"stopped at step {step} (--stop-at-step); continue with --resume auto")
-                    return {"encoder_q": encoder_q, "encoder_k": encoder_k, "bank": bank,
-                            "bank_velocity": bank_velocity, "last_step": last_step}
-
-    # ---- 8. teardown (the process group is destroyed by cli()) -------------------------------------------
-    console.print(f"done: {args.epochs} epochs, {step} steps; checkpoint {os.path.join(args.out_dir, 'last.pt')}",
-                  markup=False)
-    return {"encoder_q": encoder_q, "encoder_k": encoder_k, "bank": bank, "bank_velocity": bank_velocity,
-            "last_step": last_step}
 
 
 if __name__ == "__main__":

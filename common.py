@@ -12,12 +12,14 @@ Contents
     TwoCrops, MultiCrop        apply several pipelines to one image
     eval_transform             Resize(size*256/224; small images whole) + CenterCrop + normalise (val / kNN)
     SyntheticImages            deterministic labelled fake images (no download; smoke runs and tests)
-    make_dataset               `imagefolder` (ImageNet layout) or `synthetic`, with clear errors
+    make_dataset               `imagefolder` (ImageNet layout), cifar10/cifar100/stl10 (torchvision) or
+                               `synthetic`, with clear errors
     ResumableSampler, make_loader   DistributedSampler that can restart mid-epoch; DataLoader factory
     extract_features, knn_predict, knn_accuracy   weighted kNN (InstDisc rule, k=200, T=0.1 by default)
 """
 
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -170,19 +172,67 @@ def _checked_pil_loader(path: str) -> Image.Image:
         raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
+# --dataset NAME -> (torchvision class, the folder its files unpack into under --data)
+TORCHVISION_SETS = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python"),
+                    "stl10": ("STL10", "stl10_binary")}
+
+
+def _torchvision_set(kind: str, root: Optional[str], split: str, transform) -> Dataset:
+    """torchvision's CIFAR-10 / CIFAR-100 / STL-10 (labelled train split; val = test split) under `root`.
+    Missing files are downloaded by ONE process (global rank 0) while the others wait; every rank takes part
+    in the decision, so no rank can wait alone. Without network: one line saying where the files go."""
+    class_name, folder = TORCHVISION_SETS[kind]
+    if not root:
+        raise UserError(f"--dataset {kind} needs --data ROOT: the folder that holds (or will receive) {folder}/")
+    cls = getattr(torchvision.datasets, class_name)
+    kwargs = {"split": "train" if split == "train" else "test"} if kind == "stl10" else {"train": split == "train"}
+
+    def load(download: bool):
+        return cls(root, transform=transform, download=download, **kwargs)
+
+    try:
+        dataset = load(False)
+    except (RuntimeError, OSError, EOFError, ValueError):  # "Dataset not found or corrupted", a missing file
+        dataset = None
+    distributed = dist.is_available() and dist.is_initialized()
+    missing = [dataset is None]
+    if distributed:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, dataset is None)
+        missing = everyone
+    if not any(missing):
+        return dataset
+    error = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            os.makedirs(root, exist_ok=True)
+            load(True)
+        except Exception as e:  # noqa: BLE001 (no network, a full disk, a refused folder, ...)
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    if distributed:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = errors[0]
+    if error is not None:
+        raise UserError(f"--dataset {kind}: no {folder}/ under {root} and the download failed ({error}); "
+                        f"download it elsewhere with torchvision.datasets.{class_name}(ROOT, download=True) and "
+                        f"copy ROOT/{folder} to {root}/")
+    return load(False)
+
+
 def make_dataset(kind: str, data: str | None, split: str, transform, synthetic_images: int = 256,
                  image_size: int = 224, seed: int = 0) -> Dataset:
-    """`split` is "train" or "val". imagefolder: <data>/train/<class>/*.jpg and <data>/val (or test)/...
-
-    Every failure is a UserError naming the path: missing root, missing split, no class folders, a class
-    folder without images.
-    """
+    """`split` is "train" or "val". imagefolder: <data>/train/<class>/*.jpg and <data>/val (or test)/...;
+    cifar10, cifar100, stl10: torchvision's dataset files under <data> (val = their test split), downloaded
+    there on first use; synthetic: SyntheticImages. Every failure is a UserError naming the path."""
     if kind == "synthetic":
         n = synthetic_images if split == "train" else max(synthetic_images // 4, 10)
         # different seeds -> the val images are different images of the same classes
         return SyntheticImages(n, image_size, seed=seed if split == "train" else seed + 1, transform=transform)
+    if kind in TORCHVISION_SETS:
+        return _torchvision_set(kind, data, split, transform)
     if kind != "imagefolder":
-        raise UserError(f"unknown --dataset {kind!r} (use imagefolder or synthetic)")
+        raise UserError(f"unknown --dataset {kind!r} (use imagefolder, {', '.join(TORCHVISION_SETS)} or synthetic)")
     if not data:
         raise UserError("--dataset imagefolder needs --data /path/to/root with train/ and val/ (or test/) "
                         "class folders; use --dataset synthetic for a smoke run")

@@ -1,95 +1,32 @@
-"""Linear probe, kNN evaluation, semi-supervised fine-tuning and backbone export for the three pre-training
-scripts (moco_co2.py, adco.py, caco.py), in one file.
+"""Linear probe, kNN evaluation, semi-supervised fine-tuning and backbone export of a pre-trained ResNet from
+moco_co2.py, adco.py, caco.py (or a fork of one of them), in one file.
 
 What it measures
-    linear probe   the number every paper reports: a linear classifier (fc) trained on the FROZEN backbone
-    --knn          weighted kNN (k=200, T=0.1) on L2-normalised backbone features; no training at all
-    --finetune     semi-supervised: the whole network trains on 1 % or 10 % of the labels (CO2 Table 2 setting)
+    linear probe   top-1 / top-5 of a linear classifier (fc) trained on the FROZEN backbone: the papers' number
+    --knn          weighted kNN (k=200, T=0.1) on L2-normalised backbone features, train split as memory
+    --finetune     semi-supervised: the whole network trains on 1 % or 10 % of the labels
     --export-*     the backbone as a torchvision state dict or in detectron2 naming (detection transfer)
-Official code whose protocols this file follows (spec: shared/spec/moco_co2.md sections 3-5,
-shared/spec/adco_caco.md section 5):
-    MoCo   facebookresearch/moco @ 78b69ca, main_lincls.py   (the default protocol)
-    AdCo   maple-research-lab/AdCo @ fd65f12, lincls.py
-    CaCo   maple-research-lab/CaCo @ a72b345, linear.py (+ ops/LARS.py)
-    semi   OpenSelfSup / mmselfsup v0 benchmark, configs/benchmarks/semi_classification/imagenet_1percent/
-           base.py + r50_lr0_01_head100.py (the fine-tuning recipe; see "Semi-supervised recipe" below)
 
-Run it (PRE = the pre-training run folder; every protocol reads arch and stem from PRE/last.pt)
-    MoCo v2 / CO2 protocol, 8 GPUs (SGD lr 30, momentum 0.9, wd 0, batch 256, 100 epochs, x0.1 at 60 and 80):
-        torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt \
-            --out-dir runs/lincls_moco
-    AdCo protocol (lr 10, per-epoch cosine down to 0.01, batch 256, 100 epochs):
-        torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt \
-            --protocol adco --out-dir runs/lincls_adco
-    CaCo protocol (LARS-scaled SGD, trust 0.001, lr 0.025 per 256 = 0.4 at batch 4096, cosine to 0, 100 epochs):
-        torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt \
-            --protocol caco --out-dir runs/lincls_caco
-    2 nodes x 8 GPUs: torchrun --nnodes=2 --node_rank=0|1 --nproc_per_node=8 --rdzv_backend=c10d \
-            --rdzv_endpoint=HOST:29500 linear_eval.py ...   (--batch-size stays the global batch)
-    one GPU: python linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt
-    kNN (and the random-init baseline, to see what pre-training bought):
-        torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt --knn \
-            --knn-train-fraction 0.2 --out-dir runs/knn
-        torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --knn --random-init --arch resnet50 \
-            --knn-train-fraction 0.2 --out-dir runs/knn_random
-    semi-supervised, 1 % / 10 % labels (the standard SimCLR subset lists, or a seeded class-balanced draw):
-        torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt --finetune \
-            --label-fraction 0.01 --subset-file 1percent.txt --out-dir runs/semi1
-    export (no training, nothing else needed):
-        python linear_eval.py --checkpoint PRE/last.pt --export-torchvision r50.pth
-        python linear_eval.py --checkpoint PRE/last.pt --export-detectron2 r50_d2.pkl
-    CPU smoke run (seconds):
-        python linear_eval.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
-            --batch-size 16 --workers 0 --seed 0 --checkpoint runs/smoke/last.pt --epochs 1 --out-dir runs/smoke_lin
-    Continue an interrupted run: add --resume auto.
+Protocols (--protocol fills the optimisation flags left unset; flags given explicitly win)
+    moco   default: facebookresearch/moco main_lincls.py, the MoCo v2 / CO2 linear protocol. SGD lr 30,
+           momentum 0.9, wd 0, batch 256, 100 epochs, lr x0.1 at epochs 60 and 80
+    adco   AdCo lincls.py: lr 10, per-epoch cosine down to 0.01, batch 256, 100 epochs
+    caco   CaCo linear.py: LARS (LARC scaling mode, trust 0.001), lr 0.025 per 256 = 0.4 at batch 4096,
+           cosine to 0, 100 epochs
+    semi   default with --finetune: the OpenSelfSup / mmselfsup v0 ImageNet 1 % semi-supervised benchmark.
+           Backbone lr 0.01, head lr x100, wd 5e-4, batch 256, 20 epochs, lr x0.2 at epochs 12 and 16
+    --batch-size is the global batch and --lr is per 256 images: the rate used is lr x B/256.
 
-What this file implements
-    frozen backbone  every backbone parameter has requires_grad=False and the backbone stays in eval mode for the
-                     whole run (BN uses and never updates its running statistics); its forward runs under
-                     no_grad. Only fc (W, b) trains: logits = W f(x) + b, W ~ N(0, 0.01²), b = 0 (MoCo L152-153)
-    sanity check     after the first epoch and at the end, every backbone tensor (weights, BN running mean and
-                     var, num_batches_tracked) must equal the pre-training file's, re-read from disk (MoCo L410-431)
-    schedules        step: lr_e = lr · γ^(#milestones <= e);
-                     cosine: lr_e = lr_end + (lr - lr_end) · ½(1 + cos(π e/E)); set once per epoch.
-                     lr = --lr x B/256: all three papers' values fit this per-256 rule at their batch size
-                     (MoCo 30 at 256, AdCo 10 at 256, CaCo 0.025 x 4096/256 = 0.4)
-    LARS (CaCo)      LARC "scaling" mode: g <- (g + wd·w) · η_t ‖w‖ / (‖g‖ + wd ‖w‖ + ε), η_t = 0.001,
-                     ε = 1e-8, skipped for a tensor whose ‖w‖ or ‖g‖ is 0 (the zero-initialised bias first
-                     moves plainly)
-    accuracy         top-1 / top-5 over the FULL val set: each rank evaluates images r, r+R, r+2R, ... (no
-                     padding, so no image is counted twice) and the three counts are summed over ranks
-    kNN              S_c(z) = Σ_{j in top-k by z.z_j} exp(z.z_j / T) [y_j = c] on L2-normalised pooled features,
-                     train split (eval transform) as memory, val reported (common.knn_accuracy)
+Run it (PRE = a pre-training run folder; arch and stem are read from PRE/last.pt)
+    torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt \
+        --out-dir runs/lincls_moco          # --protocol adco / --protocol caco for the other two protocols
+    torchrun --nproc_per_node=8 linear_eval.py --data /path/to/imagenet --checkpoint PRE/last.pt --knn \
+        --knn-train-fraction 0.2 --out-dir runs/knn
+    python linear_eval.py --checkpoint PRE/last.pt --export-torchvision r50.pth
+    Add --resume auto to continue an interrupted run.
 
-Semi-supervised recipe (--finetune; spec moco_co2.md section 5)
-    The CO2 paper's own fine-tuning recipe could not be verified. We use the OpenSelfSup / mmselfsup v0
-    ImageNet 1 % benchmark (verified there): whole ResNet trains (SyncBN on several GPUs), batch 256, RRC + flip,
-    SGD momentum 0.9, wd 5e-4, 20 epochs, lr x0.2 at epochs 12 and 16, backbone lr 0.01 and head lr x100
-    (= 1.0; the benchmark sweeps backbone lr {0.001, 0.01, 0.1} x head multiplier {1, 10, 100} and keeps the
-    best per method: sweep with --lr and --head-lr-mult). The same recipe is used for 10 %. The subset is
-    either the SimCLR list file (--subset-file: one image file name per line, e.g. n01440764_10026.JPEG) or a
-    class-balanced seeded draw: round(fraction x n_c) images of each class c (at least 1), drawn with --seed.
-
-Deviations from the official code
-    1. --batch-size is the GLOBAL batch and --lr is per 256 images (lr used = lr x B/256). At each paper's
-       batch size this gives the paper's lr; official MoCo/AdCo do not rescale when the batch changes.
-    2. Validation is sharded over ranks without duplicates and the counts are summed (MoCo: every rank
-       evaluates all 50k images; AdCo: DistributedSampler pads and averages per-batch accuracies; CaCo: padded
-       duplicates are counted).
-    3. The sanity check runs on every rank, after the first epoch AND at the end, and includes
-       num_batches_tracked (CaCo defines one but never calls it).
-    4. The training loader drops the last incomplete batch (at most B-1 images per epoch; official keeps it).
-    5. AMP: the backbone runs under bf16 autocast on GPUs that support it; fc, logits and loss are fp32.
-       --no-amp is the official fp32.
-    6. Resume (--resume auto) restarts at the next epoch with every rank's RNG state; official restarts
-       without RNG state. Both the last-epoch and the best top-1 are reported (official prints best_acc1).
-    7. LARS is written out here (LARC scaling mode) instead of wrapping SGD in CaCo's SGD_LARC class.
-    8. Checkpoints accepted: moco_co2.py / adco.py / caco.py last.pt (query encoder's backbone), a plain
-       torchvision ResNet state dict, or an official MoCo-style {"state_dict": {"module.encoder_q.*"}} file.
-
-Sections: Args -> recipes -> evaluation math (pure functions) -> checkpoint reading, sanity check, export ->
-plumbing (fenced, identical in every script) -> main(): 1 setup, 2 backbone, 3 kNN, 4 run folder and resume,
-5 data, 6 model and optimizer, 7 restore, 8 train loop, 9 end of epoch, 10 teardown.
+docs/linear_eval.md has the full protocol details, the defaults compared with the official code, the accepted
+checkpoint formats, the deviations from the official code and more commands.
 """
 
 import json
@@ -120,7 +57,6 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, UserError, build_resnet, eval_t
                     make_dataset, make_loader)
 
 METHOD = "linear_eval"  # written into this script's own checkpoints; --resume refuses other files
-PRETRAIN_METHODS = ("moco_co2", "adco", "caco")  # the "method" field of the checkpoints --checkpoint accepts
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
@@ -131,7 +67,7 @@ class Args:
 
     # --- experiment -------------------------------------------------------------------------------
     checkpoint: Optional[str] = None
-    """pre-training checkpoint (moco_co2.py / adco.py / caco.py last.pt) or a torchvision ResNet state dict"""
+    """pre-training last.pt (moco_co2.py, adco.py, caco.py or a fork of one) or a torchvision ResNet state dict"""
     out_dir: str = "runs/linear_eval"
     """folder for last.pt, metrics.jsonl and args.json; refused if it already holds a run and --resume is not given"""
     resume: Optional[str] = None
@@ -156,10 +92,11 @@ class Args:
     """write the backbone in detectron2 ResNet naming as a .pkl (as MoCo's convert script), then exit"""
 
     # --- data -------------------------------------------------------------------------------------
-    dataset: Literal["imagefolder", "synthetic"] = "imagefolder"
-    """imagefolder: --data holds train/ and val/ (or test/) class folders (ImageNet layout); synthetic: fake images"""
+    dataset: Literal["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"] = "imagefolder"
+    """imagefolder: --data holds train/ and val/ (or test/) class folders (ImageNet layout); cifar10, cifar100,
+    stl10: torchvision's files under --data (downloaded there if missing and the network allows); synthetic: fake images"""
     data: Optional[str] = None
-    """root folder for --dataset imagefolder"""
+    """root folder of the dataset (--dataset imagefolder, cifar10, cifar100, stl10)"""
     synthetic_images: int = 256
     """number of training images for --dataset synthetic (a quarter as many val images)"""
     image_size: int = 224
@@ -221,15 +158,15 @@ class Args:
     """checkpoint and exit once this many epochs are done (split a long run into jobs; resume with --resume auto)"""
 
 
-# Each protocol's values for the Args fields left at None (spec moco_co2.md 3.5 and 5).
+# Each protocol's values for the Args fields left at None (docs/linear_eval.md compares them with the official code).
 RECIPES = {
-    # facebookresearch/moco main_lincls.py L38-53, L475-481
+    # official MoCo main_lincls.py defaults and its step schedule
     "moco": dict(epochs=100, batch_size=256, lr=30.0, schedule="step", lr_steps=(60, 80), lr_gamma=0.1,
                  final_lr=0.0, lars_trust=0.0, weight_decay=0.0, head_lr_mult=1.0),
-    # AdCo lincls.py L44-62, L723-735: cosine from 10 down to final_lr 0.01
+    # official AdCo lincls.py: cosine from 10 down to final_lr 0.01
     "adco": dict(epochs=100, batch_size=256, lr=10.0, schedule="cosine", lr_steps=(), lr_gamma=0.1,
                  final_lr=0.01, lars_trust=0.0, weight_decay=0.0, head_lr_mult=1.0),
-    # CaCo README: --lr 0.025 --batch-size 4096; linear.py L184 (lr x bs/256), L237-242 (SGD_LARC 0.001), L500-504
+    # official CaCo README: --lr 0.025 --batch-size 4096; linear.py scales lr by B/256 and wraps SGD in LARC 0.001
     "caco": dict(epochs=100, batch_size=4096, lr=0.025, schedule="cosine", lr_steps=(), lr_gamma=0.1,
                  final_lr=0.0, lars_trust=0.001, weight_decay=0.0, head_lr_mult=1.0),
     # OpenSelfSup / mmselfsup v0 semi_classification imagenet_1percent base.py + r50_lr0_01_head100.py
@@ -251,7 +188,7 @@ def resolve_recipe(args: Args) -> Args:
 
 
 # =====================================================================================================
-# METHOD: the evaluation math, as pure functions (imported by tests/)
+# METHOD: the evaluation math, as pure functions, and the model (imported by tests/)
 # =====================================================================================================
 def lr_at_epoch(epoch: int, args: Args, lr_peak: float) -> float:
     """The learning rate of a whole epoch (all three protocols set it once per epoch, no warm-up).
@@ -317,14 +254,15 @@ def subset_from_file(path: str, dataset) -> list:
 
 
 def dataset_labels(dataset) -> list:
-    """Labels of every image: ImageFolder's .targets, otherwise read item by item (the synthetic set is tiny)."""
-    if hasattr(dataset, "targets"):
-        return list(dataset.targets)
+    """Labels of every image: .targets (ImageFolder, CIFAR) or .labels (STL-10), else item by item (synthetic)."""
+    for name in ("targets", "labels"):
+        if hasattr(dataset, name):
+            return [int(y) for y in getattr(dataset, name)]
     return [dataset[i][1] for i in range(len(dataset))]
 
 
 class Classifier(nn.Module):
-    """logits = fc(backbone(x)), fc: Linear(feat_dim, classes) with W ~ N(0, 0.01²), b = 0 (MoCo L152-153).
+    """logits = fc(backbone(x)), fc: Linear(feat_dim, classes) with W ~ N(0, 0.01²), b = 0 (official MoCo's init).
 
     frozen=True (linear probe): the backbone's parameters never require grad, its forward runs under no_grad,
     and it stays in eval mode whatever model.train() is called with, so BN neither uses batch statistics nor
@@ -344,7 +282,7 @@ class Classifier(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         if self.frozen:
-            self.backbone.eval()  # BN frozen for the whole run (MoCo calls model.eval() in train(), L319-326)
+            self.backbone.eval()  # BN frozen for the whole run (official MoCo also calls model.eval() in train())
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -411,11 +349,21 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, w
 # METHOD: reading pre-trained backbones, the sanity check, export
 # =====================================================================================================
 def _describe(obj) -> str:
-    if isinstance(obj, dict):
-        if "method" in obj:
-            return f"a checkpoint of method {obj['method']!r}"
+    """What a refused checkpoint holds, for the one-line error."""
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}"
+    if "method" not in obj:
         return f"a dict with keys {sorted(map(str, obj))[:6]}"
-    return f"a {type(obj).__name__}"
+    if obj["method"] == METHOD:
+        return f"a checkpoint of method {METHOD!r}: this script's own output, not a pre-training run"
+    encoder_q = obj.get("encoder_q")
+    if not isinstance(encoder_q, dict):
+        return f"a checkpoint of method {obj['method']!r} without an encoder_q"
+    if not any(str(k).startswith("backbone.") for k in encoder_q):
+        return f"a checkpoint of method {obj['method']!r} whose encoder_q has no backbone.* tensors"
+    if not isinstance(obj.get("args"), dict) or "arch" not in obj["args"]:
+        return f"a checkpoint of method {obj['method']!r} without args.arch"
+    return f"a checkpoint of method {obj['method']!r} in another format"
 
 
 def _arch_from_state(state: dict) -> str:
@@ -433,11 +381,12 @@ def _arch_from_state(state: dict) -> str:
 def read_backbone(path: str) -> tuple[dict, str, bool, str]:
     """Reads the backbone of a pre-trained model -> (state dict in torchvision names without fc, arch, small_stem,
     a description of the source). Accepts:
-      * moco_co2.py / adco.py / caco.py checkpoints: {"method", "args": {"arch", "small_stem", ...},
-        "encoder_q": {"backbone.<torchvision name>", "head.*"}}: the QUERY encoder's backbone (MoCo L156-177);
+      * a pre-training checkpoint of this project, whatever its method name (moco_co2.py, adco.py, caco.py or a
+        fork): {"method": str, "args": {"arch", "small_stem", ...}, "encoder_q": {"backbone.<torchvision name>",
+        "head.*"}}: the QUERY encoder's backbone, as official MoCo's linear eval loads it;
       * a torchvision ResNet state dict ("conv1.weight", "layer1.0...", optional "fc.*", ignored);
       * an official MoCo/AdCo/CaCo file {"state_dict": {"module.encoder_q.<torchvision name>"}} (fc = head, dropped).
-    Anything else is refused with a UserError naming what the file holds.
+    Anything else is refused with a one-line UserError naming what the file holds.
     """
     if not os.path.isfile(path):
         raise UserError(f"--checkpoint {path}: no such file")
@@ -446,18 +395,18 @@ def read_backbone(path: str) -> tuple[dict, str, bool, str]:
     except Exception as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""  # torch's messages span many lines
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
-    refuse = (f"{path} is not a pre-training checkpoint of {', '.join(m + '.py' for m in PRETRAIN_METHODS)} "
+    refuse = (f"{path} is neither a pre-training checkpoint (method, args, encoder_q with backbone.* tensors) "
               f"nor a torchvision ResNet state dict (it holds {_describe(ckpt)})")
     if not isinstance(ckpt, dict):
         raise UserError(refuse)
-    if "method" in ckpt:  # one of our scripts' checkpoints
-        if ckpt["method"] not in PRETRAIN_METHODS or not isinstance(ckpt.get("encoder_q"), dict):
+    if "method" in ckpt:  # a pre-training script's checkpoint: the format decides, not the method's name
+        encoder_q, args = ckpt.get("encoder_q"), ckpt.get("args")
+        state = ({k[len("backbone."):]: v for k, v in encoder_q.items() if str(k).startswith("backbone.")}
+                 if isinstance(encoder_q, dict) else {})
+        if not (isinstance(ckpt["method"], str) and state and all(torch.is_tensor(v) for v in state.values())
+                and isinstance(args, dict) and isinstance(args.get("arch"), str)):
             raise UserError(refuse)
-        state = {k[len("backbone."):]: v for k, v in ckpt["encoder_q"].items() if k.startswith("backbone.")}
-        if not state:
-            raise UserError(f"{path}: the encoder_q of this {ckpt['method']} checkpoint has no backbone.* tensors")
-        small_stem = bool(ckpt["args"].get("small_stem", False))
-        return state, ckpt["args"]["arch"], small_stem, f"{ckpt['method']}.py checkpoint"
+        return state, args["arch"], bool(args.get("small_stem", False)), f"{ckpt['method']}.py checkpoint"
     source = "torchvision state dict"
     if isinstance(ckpt.get("state_dict"), dict):  # official MoCo-style file: strip module. and encoder_q.
         inner = {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt["state_dict"].items()}
@@ -481,7 +430,7 @@ def load_into_backbone(backbone: nn.Module, state: dict, path: str) -> None:
 
 def sanity_check(backbone: nn.Module, reference: dict, where: str) -> None:
     """Every tensor of the backbone's state (weights, BN running mean/var, num_batches_tracked) must equal the
-    reference bitwise (MoCo main_lincls.py L410-431). A difference means the 'frozen' backbone moved."""
+    reference bitwise (as official MoCo's sanity_check). A difference means the 'frozen' backbone moved."""
     state = backbone.state_dict()
     if set(state) != set(reference):
         raise UserError(f"sanity check failed: the backbone's tensors {sorted(set(state) ^ set(reference))[:4]} "
@@ -560,222 +509,82 @@ def export(args: Args) -> None:
 
 
 # =====================================================================================================
-# PLUMBING: fenced blocks are byte-identical in every script that carries them (tests/test_shared_blocks.py).
-# Fix them in one file, copy to the others.
+# main() and its steps
 # =====================================================================================================
-# >>> shared: distributed
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """Returns (global rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain
-    `python script.py` is one process with no process group. NCCL on GPUs, gloo on CPU.
+def build_backbone(args: Args) -> tuple[nn.Module, int, dict, str, Args]:
+    """The backbone to evaluate: --checkpoint's query-encoder backbone, or a random init (the baseline).
+    Returns (backbone on CPU, feature dim, its initial state, a description, args with arch/stem filled in)."""
+    if args.random_init:
+        if args.checkpoint is not None:
+            raise UserError("--random-init ignores weights: drop --checkpoint (or drop --random-init)")
+        if args.arch is None:
+            raise UserError("--random-init needs --arch (e.g. --arch resnet50)")
+        backbone, feat_dim = build_resnet(args.arch, args.small_stem)
+        # the sanity check's reference: the initial weights themselves (a copy, not views of the live tensors)
+        reference = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+        return backbone, feat_dim, reference, f"random init ({args.arch})", args
+    if args.checkpoint is None:
+        raise UserError("--checkpoint PRE/last.pt is required (or --random-init --arch ... for the baseline)")
+    reference, arch, small_stem, source = read_backbone(args.checkpoint)
+    if args.arch is not None and args.arch != arch:
+        raise UserError(f"--arch {args.arch} but {args.checkpoint} holds a {arch}")
+    if args.small_stem and not small_stem:
+        raise UserError(f"--small-stem but {args.checkpoint} has the standard 7x7 stem")
+    backbone, feat_dim = build_resnet(arch, small_stem)
+    load_into_backbone(backbone, reference, args.checkpoint)
+    return backbone, feat_dim, reference, source, replace(args, arch=arch, small_stem=small_stem)
 
-    The rank used everywhere is the GLOBAL rank (official AdCo uses the local GPU index, which is wrong on
-    every node but the first). The local rank only picks the GPU.
-    """
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+
+def run_knn(args: Args, backbone: nn.Module, source: str, batch_per_rank: int, device: torch.device, autocast,
+            console: Console, rank: int, world: int) -> dict:
+    """kNN top-1/top-5 on val with (a 1/stride share of) the train split as memory, both with the eval transform;
+    the result is appended to <out-dir>/metrics.jsonl, so earlier results (e.g. the random-init baseline) stay."""
+    memory = make_dataset(args.dataset, args.data, "train", eval_transform(args.image_size),
+                          args.synthetic_images, args.image_size, args.seed)
+    stride = max(1, round(1 / args.knn_train_fraction))
+    memory = Subset(memory, range(0, len(memory), stride))  # every stride-th image (all classes kept)
+    val_set = make_dataset(args.dataset, args.data, "val", eval_transform(args.image_size),
+                           args.synthetic_images, args.image_size, args.seed)
+    print_args(console, args, {"mode": "kNN", "backbone": source, "memory images": len(memory),
+                               "val images": len(val_set), "world size": world, "device": device})
+    top1, top5 = knn_accuracy(backbone, memory, val_set, batch_per_rank, device, args.knn_k, args.knn_t,
+                              args.workers, autocast)
+    record = {"mode": "knn", "knn_top1": top1, "knn_top5": top5, "top1": top1, "top5": top5,
+              "k": args.knn_k, "t": args.knn_t, "memory_images": len(memory), "backbone": source}
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    console.print(f"kNN (k={args.knn_k}, T={args.knn_t}, {source}): top-1 {top1:.2f}  top-5 {top5:.2f}",
+                  markup=False)
+    return {"top1": top1, "top5": top5}
+
+
+def make_datasets(args: Args) -> tuple:
+    """(train set, val set, classes, labelled images). Train: RandomResizedCrop (scale 0.08-1) + flip; val: the
+    eval transform (Resize(size·256/224) + CenterCrop). --finetune keeps only the labelled subset of train."""
+    train_transform = T.Compose([
+        T.RandomResizedCrop(args.image_size),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    train_set = make_dataset(args.dataset, args.data, "train", train_transform, args.synthetic_images,
+                             args.image_size, args.seed)
+    val_set = make_dataset(args.dataset, args.data, "val", eval_transform(args.image_size), args.synthetic_images,
+                           args.image_size, args.seed)
+    num_classes = len(train_set.classes)
+    if len(val_set.classes) != num_classes:
+        raise UserError(f"the train split has {num_classes} classes but the val split {len(val_set.classes)}")
+    if not args.finetune:
+        return train_set, val_set, num_classes, len(train_set)
+    if args.subset_file:  # the listed files, or a seeded class-balanced draw
+        indices = subset_from_file(args.subset_file, train_set)
     else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
+        indices = class_balanced_subset(dataset_labels(train_set), args.label_fraction, args.seed)
+    return Subset(train_set, indices), val_set, num_classes, len(indices)
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@torch.no_grad()
-def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """[N, ...] on every rank -> [R*N, ...] on every rank, in rank order (rank 0's rows first).
-    Identity with one process. Warning: all_gather has no gradient; use only on keys / no-grad tensors."""
-    if not is_distributed():
-        return x
-    # Send and receive buffers must share one memory layout: a channels_last image batch sent into NCHW
-    # buffers (or the reverse) can arrive with scrambled pixels and no error. So gather plain NCHW copies.
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """In-place mean over ranks (one all_reduce); identity with one process. Returns x."""
-    if is_distributed():
-        dist.all_reduce(x)
-        x.div_(dist.get_world_size())
-    return x
-# <<< shared: distributed
-
-
-# >>> shared: amp
-def setup_amp(device: torch.device, enabled: bool):
-    """Returns (autocast context factory, GradScaler, dtype or None).
-
-    bf16 autocast on GPUs that support it (no loss scaling needed); fp16 + GradScaler on older GPUs;
-    plain fp32 on CPU or with --no-amp. Autocast covers the encoders only: every script casts embeddings to
-    fp32 before normalising, and computes logits, softmax, KL and bank/queue arithmetic in fp32.
-    """
-    dtype = None
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    return autocast, scaler, dtype
-# <<< shared: amp
-
-
-# >>> shared: checkpoint
-def rng_state(device: torch.device) -> dict:
-    """This process's RNG states as plain types (loadable with weights_only=True)."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def all_rng_states(device: torch.device) -> list:
-    """Every rank's RNG state, in rank order (a collective: all ranks must call it)."""
-    mine = rng_state(device)
-    if not is_distributed():
-        return [mine]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in mine.items()})
-    return states
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic write: a crash while saving leaves the previous file intact (temp file + rename)."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
-    """--resume None: start fresh, but never over an existing run; 'auto': <out-dir>/last.pt if present;
-    otherwise a path that must exist. Returns the checkpoint to load, or None."""
-    last = os.path.join(out_dir, "last.pt")
-    if resume is None:
-        if os.path.exists(last):
-            raise UserError(f"{last} already exists: pass --resume auto to continue that run, "
-                            f"or choose another --out-dir (nothing was overwritten)")
-        found = None
-    elif resume == "auto":
-        found = last if os.path.exists(last) else None
-    elif not os.path.isfile(resume):
-        raise UserError(f"--resume {resume}: no such file")
-    else:
-        found = resume
-    if is_distributed():  # all ranks must resume from the same file (rank 0 writes; other nodes must see it)
-        seen = [None] * dist.get_world_size()
-        dist.all_gather_object(seen, found)
-        if len(set(seen)) > 1:
-            raise UserError(f"ranks disagree about the checkpoint to resume ({seen}): --out-dir must be on a "
-                            f"filesystem shared by all nodes")
-    return found
-
-
-def load_checkpoint(path: str, args, must_match: tuple) -> dict:
-    """Loads a checkpoint of THIS method and checks that the arguments in `must_match` are unchanged."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
-    found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
-    if not isinstance(ckpt, dict) or found != METHOD:
-        what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
-        raise UserError(f"{path} is not a {METHOD}.py checkpoint (it holds {what})")
-    # arguments added later take the value that reproduces what older checkpoints did
-    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}
-    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
-               for k in must_match if old.get(k) != getattr(args, k)]
-    if changed:
-        raise UserError(f"{path} was trained with other arguments; resuming would mix two recipes: "
-                        + ", ".join(changed))
-    return ckpt
-# <<< shared: checkpoint
-
-
-# >>> shared: console
-def make_console(rank: int) -> Console:
-    """Rich console on rank 0 only (others are quiet). soft_wrap keeps log lines whole in files."""
-    return Console(quiet=rank != 0, soft_wrap=True, log_path=False)
-
-
-def print_args(console: Console, args, derived: dict) -> None:
-    """The run's arguments (and derived values) as a table. Text() cells: paths are never parsed as markup."""
-    table = Table(title=f"{METHOD}.py", show_header=True, header_style="bold")
-    table.add_column("argument")
-    table.add_column("value")
-    for key, value in list(asdict(args).items()) + list(derived.items()):
-        table.add_row(Text(key), Text(str(value)))
-    console.print(table)
-
-
-def make_progress(console: Console) -> Progress:
-    """A progress bar in an interactive terminal; disabled (plain log lines only) when output is a file."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, disable=not console.is_terminal, transient=True)
-
-
-class MetricsLog:
-    """<out-dir>/metrics.jsonl, one JSON object per line, written by rank 0.
-
-    On resume, records with a step after the checkpoint's (logged by the interrupted run after its last
-    checkpoint) are dropped, so the file reads as one uninterrupted run."""
-
-    def __init__(self, path: str, rank: int, resume_step: Optional[int]):
-        self.path, self.active = path, rank == 0
-        if not self.active:
-            return
-        kept = []
-        if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        with open(path, "w") as f:
-            f.writelines(kept)
-
-    def write(self, record: dict) -> None:
-        if self.active:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-# <<< shared: console
-
-
-# >>> shared: entry
-def cli(main, args_type) -> None:
-    """Parse the Args dataclass (tyro: --help comes from the field docstrings), run main, and turn a
-    UserError into one line on stderr and exit code 2 (no traceback). Always tears down the process group."""
-    args = tyro.cli(args_type, console_outputs=int(os.environ.get("RANK", "0")) == 0)
-    try:
-        main(args)
-    except UserError as e:
-        # a UserError raised inside a DataLoader worker arrives wrapped with the worker's traceback text
-        message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
-        prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
-        Console(stderr=True, soft_wrap=True).print(f"{prefix}error: {message}", markup=False, highlight=False)
-        sys.exit(2)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-# <<< shared: entry
-
-
-# =====================================================================================================
-# main
-# =====================================================================================================
 def main(args: Args) -> dict:
     """Runs the requested evaluation. Returns {"top1", "top5"} and, after training, the "model" (for tests)."""
     if args.export_torchvision or args.export_detectron2:
@@ -794,58 +603,21 @@ def main(args: Args) -> dict:
         raise UserError(f"--label-fraction {args.label_fraction} must be in (0, 1] (0.01 or 0.1 in the papers)")
     batch_per_rank = args.batch_size // world
     lr_peak = args.lr * args.batch_size / 256  # linear scaling rule: --lr is per 256 images
-    torch.manual_seed(args.seed)  # identical fc init on every rank
+    torch.manual_seed(args.seed)  # identical fc init (and random-init backbone) on every rank
     random.seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
     # ---- 2. backbone: pre-trained (query encoder of --checkpoint) or random ------------------------------
-    if args.random_init:
-        if args.checkpoint is not None:
-            raise UserError("--random-init ignores weights: drop --checkpoint (or drop --random-init)")
-        if args.arch is None:
-            raise UserError("--random-init needs --arch (e.g. --arch resnet50)")
-        backbone, feat_dim = build_resnet(args.arch, args.small_stem)
-        source = f"random init ({args.arch})"
-        # the sanity check's reference: the initial weights themselves (a copy, not views of the live tensors)
-        reference = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-    else:
-        if args.checkpoint is None:
-            raise UserError("--checkpoint PRE/last.pt is required (or --random-init --arch ... for the baseline)")
-        reference, arch, small_stem, source = read_backbone(args.checkpoint)
-        if args.arch is not None and args.arch != arch:
-            raise UserError(f"--arch {args.arch} but {args.checkpoint} holds a {arch}")
-        if args.small_stem and not small_stem:
-            raise UserError(f"--small-stem but {args.checkpoint} has the standard 7x7 stem")
-        args = replace(args, arch=arch, small_stem=small_stem)
-        backbone, feat_dim = build_resnet(arch, small_stem)
-        load_into_backbone(backbone, reference, args.checkpoint)
+    backbone, feat_dim, reference, source, args = build_backbone(args)
     backbone.to(device)
     if device.type == "cuda" and args.channels_last:
         backbone.to(memory_format=torch.channels_last)
     autocast, scaler, amp_dtype = setup_amp(device, args.amp)
 
-    # ---- 3. kNN evaluation (no training): k=200, T=0.1 on the train split as memory, val reported --------
+    # ---- 3. kNN evaluation: no training, done here ---------------------------------------------------------
     if args.knn:
-        memory = make_dataset(args.dataset, args.data, "train", eval_transform(args.image_size),
-                              args.synthetic_images, args.image_size, args.seed)
-        stride = max(1, round(1 / args.knn_train_fraction))
-        memory = Subset(memory, range(0, len(memory), stride))  # every stride-th image (all classes kept)
-        val_set = make_dataset(args.dataset, args.data, "val", eval_transform(args.image_size),
-                               args.synthetic_images, args.image_size, args.seed)
-        print_args(console, args, {"mode": "kNN", "backbone": source, "memory images": len(memory),
-                                   "val images": len(val_set), "world size": world, "device": device})
-        top1, top5 = knn_accuracy(backbone, memory, val_set, batch_per_rank, device, args.knn_k, args.knn_t,
-                                  args.workers, autocast)
-        record = {"mode": "knn", "knn_top1": top1, "knn_top5": top5, "top1": top1, "top5": top5,
-                  "k": args.knn_k, "t": args.knn_t, "memory_images": len(memory), "backbone": source}
-        if rank == 0:
-            os.makedirs(args.out_dir, exist_ok=True)
-            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:  # appended: keeps earlier results
-                f.write(json.dumps(record) + "\n")
-        console.print(f"kNN (k={args.knn_k}, T={args.knn_t}, {source}): top-1 {top1:.2f}  top-5 {top5:.2f}",
-                      markup=False)
-        return {"top1": top1, "top5": top5}
+        return run_knn(args, backbone, source, batch_per_rank, device, autocast, console, rank, world)
 
     # ---- 4. run folder, resume ---------------------------------------------------------------------------
     resume_path = resolve_resume(args.resume, args.out_dir)
@@ -855,27 +627,8 @@ def main(args: Args) -> dict:
         return {}
     os.makedirs(args.out_dir, exist_ok=True)
 
-    # ---- 5. data: train RandomResizedCrop (default scale 0.08-1) + flip; val Resize(size·256/224) + CenterCrop
-    train_transform = T.Compose([
-        T.RandomResizedCrop(args.image_size),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    train_set = make_dataset(args.dataset, args.data, "train", train_transform, args.synthetic_images,
-                             args.image_size, args.seed)
-    val_set = make_dataset(args.dataset, args.data, "val", eval_transform(args.image_size), args.synthetic_images,
-                           args.image_size, args.seed)
-    num_classes = len(train_set.classes)
-    if len(val_set.classes) != num_classes:
-        raise UserError(f"the train split has {num_classes} classes but the val split {len(val_set.classes)}")
-    labelled = len(train_set)
-    if args.finetune:  # the labelled subset: the listed files, or a seeded class-balanced draw
-        if args.subset_file:
-            indices = subset_from_file(args.subset_file, train_set)
-        else:
-            indices = class_balanced_subset(dataset_labels(train_set), args.label_fraction, args.seed)
-        train_set, labelled = Subset(train_set, indices), len(indices)
+    # ---- 5. data -------------------------------------------------------------------------------------------
+    train_set, val_set, num_classes, labelled = make_datasets(args)
     loader = make_loader(train_set, batch_per_rank, rank, world, args.workers, args.seed)
     steps_per_epoch = len(loader.sampler) // batch_per_rank
 
@@ -886,7 +639,7 @@ def main(args: Args) -> dict:
     if args.finetune:  # backbone at lr, the new head at lr x head_lr_mult (benchmark: x100)
         groups = [{"params": list(model.backbone.parameters()), "lr_mult": 1.0},
                   {"params": list(model.fc.parameters()), "lr_mult": args.head_lr_mult}]
-    else:  # exactly fc.weight and fc.bias (MoCo asserts the same, L212-216)
+    else:  # exactly fc.weight and fc.bias (official MoCo asserts the same)
         groups = [{"params": list(model.fc.parameters()), "lr_mult": 1.0}]
     # with LARS the weight decay is applied inside larc_scale_ (LARC zeroes the optimizer's own decay)
     optimizer = torch.optim.SGD(groups, lr=lr_peak, momentum=args.momentum,
@@ -919,11 +672,6 @@ def main(args: Args) -> dict:
         "resumed from": f"{resume_path} (epoch {start_epoch})" if ckpt else "-",
     })
 
-    def checkpoint_state(next_epoch: int) -> dict:
-        return {"method": METHOD, "args": asdict(args), "next_epoch": next_epoch, "next_batch": 0, "step": step,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "best_top1": best_top1, "rng": all_rng_states(device)}
-
     # ---- 8. train loop ------------------------------------------------------------------------------------
     ddp_model.train()  # a frozen backbone stays in eval mode (Classifier.train)
     sums = torch.zeros(4, device=device)  # running on-device sums: loss, correct, images, steps (no host sync)
@@ -947,7 +695,7 @@ def main(args: Args) -> dict:
                 sums += torch.stack([loss, correct.float(), torch.tensor(float(labels.shape[0]), device=device),
                                      torch.ones((), device=device)])
 
-                # ---- logging and non-finite guard (the only host syncs) ---------------------------------
+                # logging and the non-finite guard: the only host syncs
                 done = batch_idx + 1
                 end_of_epoch = done == steps_per_epoch
                 if done % args.log_every == 0 or end_of_epoch:
@@ -971,9 +719,10 @@ def main(args: Args) -> dict:
             # ---- 9. end of epoch: sanity check, val accuracy, checkpoint ---------------------------------------
             last = epoch == args.epochs - 1
             if not args.finetune and (epoch == start_epoch or last):
-                # re-read from disk: the reference must not share memory with the running model
-                where = args.checkpoint if not args.random_init else "the initial random weights"
-                sanity_check(model.backbone, read_backbone(args.checkpoint)[0] if not args.random_init else reference,
+                # a linear-probe number is valid only if the backbone never moved: compare it bitwise with the
+                # file, re-read from disk so that the reference cannot share memory with the running model
+                where = "the initial random weights" if args.random_init else args.checkpoint
+                sanity_check(model.backbone, reference if args.random_init else read_backbone(args.checkpoint)[0],
                              where)
                 console.print(f"sanity check passed: the backbone equals {where} bitwise", markup=False)
             if last or (epoch + 1) % args.eval_every == 0:
@@ -983,7 +732,9 @@ def main(args: Args) -> dict:
                 console.print(f"epoch {epoch}  val top-1 {top1:.2f}  top-5 {top5:.2f}  (best top-1 {best_top1:.2f})",
                               markup=False)
             metrics.write(record)
-            state = checkpoint_state(epoch + 1)
+            state = {"method": METHOD, "args": asdict(args), "next_epoch": epoch + 1, "next_batch": 0, "step": step,
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "best_top1": best_top1, "rng": all_rng_states(device)}  # every rank: a collective
             if rank == 0:
                 save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
             if args.stop_at_epoch is not None and epoch + 1 >= args.stop_at_epoch and not last:
@@ -998,6 +749,208 @@ def main(args: Args) -> dict:
                   Text(str(args.epochs)), Text(f"{top1:.2f}"), Text(f"{top5:.2f}"), Text(f"{best_top1:.2f}"))
     console.print(table)
     return {"top1": top1, "top5": top5, "best_top1": best_top1, "model": model}
+
+
+# =====================================================================================================
+# APPENDIX, plumbing: fenced blocks are byte-identical in every script that carries them
+# (tests/test_shared_blocks.py). Fix them in one file, copy to the others.
+# =====================================================================================================
+# >>> shared: distributed
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` is one
+    process without a process group. NCCL on GPUs, gloo on CPU. The local rank only picks the GPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """[N, ...] on every rank -> [R*N, ...] on every rank, rank 0's rows first. No gradient."""
+    if not is_distributed():
+        return x
+    # Send and receive buffers must share one memory layout: a channels_last batch gathered into NCHW
+    # buffers (or the reverse) can arrive with scrambled pixels and no error. So gather NCHW copies.
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """In place: the mean over ranks (one all_reduce); identity with one process. Returns x."""
+    if is_distributed():
+        dist.all_reduce(x)
+        x.div_(dist.get_world_size())
+    return x
+# <<< shared: distributed
+
+
+# >>> shared: amp
+def setup_amp(device: torch.device, enabled: bool):
+    """(autocast factory, GradScaler, dtype or None): bf16 on GPUs that have it, else fp16 + loss scaling;
+    fp32 on CPU or with --no-amp. Only the encoders run under autocast: embeddings are cast to fp32 before
+    normalising, and logits, softmax, KL and queue/bank arithmetic are fp32."""
+    dtype = None
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype is torch.float16), dtype
+# <<< shared: amp
+
+
+# >>> shared: checkpoint
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states as plain types (loadable with weights_only=True)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_rng_states(device: torch.device) -> list:
+    """Every rank's RNG state, in rank order (a collective: all ranks must call it)."""
+    mine = rng_state(device)
+    if not is_distributed():
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in mine.items()})
+    return states
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic: temp file + rename, so a crash while saving leaves the previous file intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
+    """The checkpoint to load, or None. --resume None: a fresh run, never over an existing one; 'auto':
+    <out-dir>/last.pt if it exists; else a path that must exist."""
+    last = os.path.join(out_dir, "last.pt")
+    if resume is None:
+        if os.path.exists(last):
+            raise UserError(f"{last} already exists: pass --resume auto to continue that run, "
+                            f"or choose another --out-dir (nothing was overwritten)")
+        found = None
+    elif resume == "auto":
+        found = last if os.path.exists(last) else None
+    elif not os.path.isfile(resume):
+        raise UserError(f"--resume {resume}: no such file")
+    else:
+        found = resume
+    if is_distributed():  # all ranks must resume from the same file (rank 0 writes; other nodes must see it)
+        seen = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, found)
+        if len(set(seen)) > 1:
+            raise UserError(f"ranks disagree about the checkpoint to resume ({seen}): --out-dir must be on a "
+                            f"filesystem shared by all nodes")
+    return found
+
+
+def load_checkpoint(path: str, args, must_match: tuple) -> dict:
+    """Loads a checkpoint of THIS method and checks that the arguments in `must_match` are unchanged."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
+    found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if not isinstance(ckpt, dict) or found != METHOD:
+        what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
+        raise UserError(f"{path} is not a {METHOD}.py checkpoint (it holds {what})")
+    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}  # flags added later: the value older runs had
+    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
+               for k in must_match if old.get(k) != getattr(args, k)]
+    if changed:
+        raise UserError(f"{path} was trained with other arguments; resuming would mix two recipes: "
+                        + ", ".join(changed))
+    return ckpt
+# <<< shared: checkpoint
+
+
+# >>> shared: console
+def make_console(rank: int) -> Console:
+    """Rich console on rank 0 only (others are quiet). soft_wrap keeps log lines whole in files."""
+    return Console(quiet=rank != 0, soft_wrap=True, log_path=False)
+
+
+def print_args(console: Console, args, derived: dict) -> None:
+    """The arguments and derived values as a table; Text() cells, so paths are never parsed as markup."""
+    table = Table(title=f"{METHOD}.py", show_header=True, header_style="bold")
+    table.add_column("argument")
+    table.add_column("value")
+    for key, value in list(asdict(args).items()) + list(derived.items()):
+        table.add_row(Text(key), Text(str(value)))
+    console.print(table)
+
+
+def make_progress(console: Console) -> Progress:
+    """A progress bar in an interactive terminal; disabled (plain log lines only) when output is a file."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, disable=not console.is_terminal, transient=True)
+
+
+class MetricsLog:
+    """<out-dir>/metrics.jsonl, one JSON record per line, written by rank 0. On resume, records after the
+    checkpoint's step (logged after the last checkpoint) are dropped: the file reads as one run."""
+
+    def __init__(self, path: str, rank: int, resume_step: Optional[int]):
+        self.path, self.active = path, rank == 0
+        if not self.active:
+            return
+        kept = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, record: dict) -> None:
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+# <<< shared: console
+
+
+# >>> shared: entry
+def cli(main, args_type) -> None:
+    """Parses Args with tyro (--help comes from the field docstrings) and runs main. A UserError becomes one
+    line on stderr and exit code 2, no traceback. Always tears down the process group."""
+    args = tyro.cli(args_type, console_outputs=int(os.environ.get("RANK", "0")) == 0)
+    try:
+        main(args)
+    except UserError as e:
+        # a UserError raised inside a DataLoader worker arrives wrapped with the worker's traceback text
+        message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
+        Console(stderr=True, soft_wrap=True).print(f"{prefix}error: {message}", markup=False, highlight=False)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+# <<< shared: entry
 
 
 if __name__ == "__main__":

@@ -1,66 +1,32 @@
 """MoCo v2 + CO2: momentum contrast with a consistency regulariser, in one file.
 
-Papers
-    MoCo v2  "Improved Baselines with Momentum Contrastive Learning", Chen, Fan, Girshick, He, arXiv 2003.04297
-             (MoCo v1: He et al., arXiv 1911.05722, CVPR 2020)
-    CO2      "CO2: Consistent Contrast for Unsupervised Visual Representation Learning", Wei, Wang, Shen,
-             Yuille, ICLR 2021, arXiv 2010.02217
-Official code whose defaults this file follows: facebookresearch/moco @ 78b69ca (main_moco.py, moco/builder.py)
-with `--mlp --moco-t 0.2 --aug-plus --cos`. No official CO2 code exists; CO2 is implemented from the paper's
-definition (see "The CO2 term" below). Spec with line references: shared/spec/moco_co2.md, sections 1, 2, 6.
+Papers   MoCo v2 "Improved Baselines with Momentum Contrastive Learning", Chen, Fan, Girshick, He, arXiv 2003.04297
+         CO2 "Consistent Contrast for Unsupervised Visual Representation Learning", Wei et al., ICLR 2021, arXiv 2010.02217
+Defaults = the official MoCo v2 recipe (facebookresearch/moco @ 78b69ca: --mlp --moco-t 0.2 --aug-plus --cos).
+CO2 has no official code; it is implemented from the paper's definition.
+
+What this file implements (q: query, k: its key, n_j: queue entries; unit vectors; equations in the functions)
+    f_q      ResNet + MLP head (2048-2048-128, ReLU, no BN); f_k its EMA, θ_k <- m θ_k + (1-m) θ_q   momentum_update
+    L_ins    MoCo InfoNCE over [q.k | q.n_j] / τ, τ = 0.2, K = 65536 (MoCo Eq. 1)                    infonce_logits
+    L_con    CO2: ½ KL(P||Q) + ½ KL(Q||P), P, Q = softmax over the K negatives of q.n/τ_con, k.n/τ_con   co2_loss
+    loss     L = L_ins + α L_con, mean over the global batch, SGD on f_q only                         moco_co2_loss
+    ShuffleBN  key images are shuffled across GPUs before f_k, un-shuffled after (MoCo section 3.3)
+
+The queue of negatives, start to finish (grep METHOD for the method's own lines in main())
+    created  main(): K unit random columns [C, K], fp32, from --seed, identical on every rank, outside DDP
+    used     moco_co2_loss(): the K negatives of L_ins and the classes of P and Q, BEFORE this step's enqueue
+    updated  enqueue(): FIFO, the all-gathered keys of the global batch replace the oldest B columns
+    saved    checkpoint_state(): "queue" and "queue_ptr" in every last.pt; restored before the first step
 
 Run it
-    8 GPUs, ImageNet (67.5 % linear top-1 reported for MoCo v2, 68.0 % for MoCo v2 + CO2 at 200 epochs):
-        torchrun --nproc_per_node=8 moco_co2.py --data /path/to/imagenet --out-dir runs/moco_co2
-    2 nodes x 8 GPUs (global batch stays --batch-size; scale --lr with it if you change it):
-        torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
-            moco_co2.py --data /path/to/imagenet        (and --node_rank=1 on the second node)
-    one GPU:   python moco_co2.py --data /path/to/imagenet --batch-size 64    (lr scales to 0.03 x 64/256)
-    CPU smoke run (seconds):
-        python moco_co2.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
-            --batch-size 16 --queue-size 64 --workers 0 --epochs 2 --out-dir runs/smoke
-    plain MoCo v2: add --co2-alpha 0.  Continue an interrupted run: add --resume auto.
-    CIFAR-10, one GPU, ResNet-18 at 32 px (the README's "CIFAR-10 recipe": no blur, K 4096, m 0.99, τ 0.1):
-        python moco_co2.py --data data/cifar10 --arch resnet18 --small-stem --image-size 32 --no-blur \
-            --mlp-dim 512 --batch-size 512 --weight-decay 5e-4 --moco-m 0.99 --moco-t 0.1 --queue-size 4096 \
-            --bn-splits 8 --knn-every 10 --workers 15 --out-dir runs/cifar10-moco-co2
+    torchrun --nproc_per_node=8 moco_co2.py --data /path/to/imagenet --out-dir runs/moco_co2   # 8 GPUs, 200 ep
+    python moco_co2.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
+        --batch-size 16 --queue-size 64 --workers 0 --epochs 2 --out-dir runs/smoke               # CPU, seconds
+    plain MoCo v2: --co2-alpha 0.  Continue an interrupted run: --resume auto.
 
-What this file implements (q: query embedding, k: key embedding, n_j: queue entries; all unit vectors)
-    encoders   f_q = ResNet + MLP head (2048-2048-128, ReLU, no BN); f_k = EMA copy, θ_k <- m θ_k + (1-m) θ_q
-    L_ins      MoCo InfoNCE:  -log exp(q.k/τ) / (exp(q.k/τ) + Σ_j exp(q.n_j/τ)),  τ = 0.2, K = 65536
-    L_con      CO2 consistency: P = softmax_j(q.n_j/τ_con), Q = softmax_j(k.n_j/τ_con) (k: the positive crop,
-               no gradient), L_con = ½ KL(P||Q) + ½ KL(Q||P), over the K negatives only
-    loss       L = L_ins + α L_con, mean over the global batch; SGD on f_q only
-    queue      FIFO of all-gathered keys, enqueued after the loss (a batch is never its own negative)
-    ShuffleBN  key images are shuffled across GPUs before f_k and un-shuffled after (MoCo section 3.3)
-
-Deviations from the official code (also listed in README.md)
-    1. --batch-size is the GLOBAL batch, divided by the world size (official: per node, divided by the GPUs
-       of one node; on several nodes the effective batch silently multiplied). Default 256 = official 8x32.
-    2. torchrun (or plain python) instead of mp.spawn + --dist-url; one process and CPU are supported.
-       With one process ShuffleBN can only permute the batch locally, which BN does not see, unless
-       --bn-splits S runs BN over S interleaved sub-batches as S GPUs would (the MoCo authors' CIFAR-10 demo
-       does this with S = 8; a message says so when S = 1). The official code refuses to run without DDP.
-    3. The queue lives outside DDP (official: a DDP buffer, re-broadcast from rank 0 every forward, 32 MiB
-       per step). It is still identical on every rank: it is built from the same seed and updated with
-       the same all-gathered keys. The key encoder is also outside DDP (it has no gradients).
-    4. AMP: the encoders run under bf16 autocast on GPUs that support it (fp16 + GradScaler otherwise);
-       normalisation, logits, softmax, KL and the queue are fp32. The official code is fp32 throughout.
-       --no-amp reproduces fp32.
-    5. Checkpoints hold everything needed for an exact resume: the key encoder, the queue and its pointer,
-       optimizer, scaler, every rank's RNG state, and the position inside the epoch (--ckpt-every-steps).
-       Bitwise exact with --workers 0; with worker processes their augmentation streams restart (their
-       seeds are not checkpointed), which changes no statistic. Official resume restarts the epoch and loses
-       RNG and sampler state.
-    6. CO2 has no official code. α = 1 and τ_con = 0.05 are the defaults of the only public
-       implementation (lightly's CO2Regularizer), NOT values confirmed from the paper; that implementation
-       also (a) includes the positive as a class of P and Q (we use the K negatives only, as the paper's
-       Fig. 1 caption describes) and (b) since PR #1766 returns a detached tensor, so it adds no gradient.
-       Ours keeps the term in the autograd graph; a test asserts that q receives its gradient.
-
-Sections: Args -> method math (pure functions) -> model -> plumbing (fenced, identical in every script)
--> main(): 1 setup, 2 run folder and resume, 3 data, 4 model and optimizer, 5 restore, 6 train loop,
-7 end of epoch, 8 teardown.
+docs/moco_co2.md: every command, defaults vs paper, logged metrics, the CO2 gradient, deviations from the
+official code. Layout of this file: Args -> method math -> model and augmentations -> main() -> appendix:
+the fenced plumbing blocks (byte-identical in every script, checked by tests/test_shared_blocks.py).
 """
 
 import copy
@@ -71,7 +37,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -104,10 +70,11 @@ class Args:
     """seed for weights, queue and data order (augmentations use seed + rank)"""
 
     # --- data -------------------------------------------------------------------------------------
-    dataset: Literal["imagefolder", "synthetic"] = "imagefolder"
-    """imagefolder: --data holds train/ and val/ (or test/) class folders (ImageNet layout); synthetic: fake images"""
+    dataset: Literal["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"] = "imagefolder"
+    """imagefolder: --data holds train/ and val/ (or test/) class folders (ImageNet layout); cifar10, cifar100,
+    stl10: torchvision's files under --data (downloaded there if missing and the network allows); synthetic: fake images"""
     data: Optional[str] = None
-    """root folder for --dataset imagefolder"""
+    """root folder of the dataset (--dataset imagefolder, cifar10, cifar100, stl10)"""
     synthetic_images: int = 256
     """number of training images for --dataset synthetic (a quarter as many val images)"""
     image_size: int = 224
@@ -188,11 +155,8 @@ MUST_MATCH = ("arch", "small_stem", "bn_splits", "mlp_dim", "dim", "dataset", "i
 # METHOD: the math, as pure functions (imported by tests/). All inputs are fp32 unit vectors.
 # =====================================================================================================
 def infonce_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, moco_t: float):
-    """MoCo InfoNCE logits (MoCo Eq. 1). q, k: [N, C] unit rows; queue: [C, K] unit columns.
-
-    Returns logits [N, 1+K] = [q_i.k_i | q_i.n_j] / τ and labels [N] of zeros (the positive is column 0),
-    so L_ins = cross_entropy(logits, labels).
-    """
+    """MoCo Eq. 1: logits [N, 1+K] = [q_i.k_i | q_i.n_j] / τ and labels [N] of zeros (the key is column 0),
+    so L_ins = cross_entropy(logits, labels). q, k: [N, C] unit rows; queue: [C, K] unit columns."""
     l_pos = (q * k).sum(dim=1, keepdim=True)  # [N, 1]: q_i . k_i
     l_neg = q @ queue  # [N, C] x [C, K] -> [N, K]: q_i . n_j
     logits = torch.cat([l_pos, l_neg], dim=1) / moco_t  # [N, 1+K]
@@ -201,15 +165,11 @@ def infonce_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, moco_t
 
 
 def co2_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau_con: float) -> torch.Tensor:
-    """CO2 consistency term (Wei et al. 2021): mean_i [½ KL(P_i||Q_i) + ½ KL(Q_i||P_i)].
-
-    q: [N, C] queries (with gradient), k: [N, C] keys of the positive crops, queue: [C, K] negatives.
-        P_i(j) = softmax_j(q_i.n_j / τ_con)   the query's similarity distribution over the K negatives
-        Q_i(j) = softmax_j(k_i.n_j / τ_con)   the positive's distribution: the pseudo label
-    Only the K negatives are classes (not the positive). Q is a target: no gradient reaches k or the
-    queue, even if they require grad. Both KL directions keep their gradient through P (detaching P in
-    KL(P||Q) would silently turn this into a one-directional KL). The caller multiplies by α.
-    """
+    """CO2's consistency term L_con = mean_i [½ KL(P_i||Q_i) + ½ KL(Q_i||P_i)], over the K negatives only:
+        P_i(j) = softmax_j(q_i.n_j / τ_con)   the query's similarity distribution (q: [N, C], with gradient)
+        Q_i(j) = softmax_j(k_i.n_j / τ_con)   the positive's: a target, no gradient to k or the queue [C, K]
+    Both KL directions keep their gradient through P (detaching P in KL(P||Q) would silently make the term
+    one-directional); docs/moco_co2.md derives ∂L_con/∂q. The caller multiplies by α."""
     dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 at least (fp64 stays fp64, for tests)
     queue = queue.detach().to(dtype)
     # log P: [N, K]. log_softmax (not log(softmax)) stays finite when a probability underflows.
@@ -221,23 +181,36 @@ def co2_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau_con: flo
     return (0.5 * kl_PQ + 0.5 * kl_QP).mean()  # sum over j, mean over samples ("batchmean")
 
 
+class MocoLoss(NamedTuple):
+    loss: torch.Tensor      # L = L_ins + α L_con (autograd to q)
+    loss_ins: torch.Tensor  # L_ins
+    loss_co2: torch.Tensor  # L_con (0 when α = 0: not computed)
+    acc_ins: torch.Tensor   # % of queries whose top logit (of 1 + K) is their key
+
+
+def moco_co2_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, moco_t: float, co2_tau: float,
+                  co2_alpha: float) -> MocoLoss:
+    """One step's loss, L = L_ins + α L_con, both against the queue BEFORE this step's enqueue (fp32).
+    q, k: [N, C] unit rows (q with gradient), queue: [C, K]. Means over this rank; DDP averages over ranks."""
+    logits, labels = infonce_logits(q, k, queue, moco_t)
+    loss_ins = F.cross_entropy(logits, labels)
+    loss_co2 = co2_loss(q, k, queue, co2_tau) if co2_alpha > 0 else torch.zeros((), device=q.device)
+    with torch.no_grad():
+        acc_ins = 100 * (logits.argmax(dim=1) == 0).float().mean()
+    return MocoLoss(loss_ins + co2_alpha * loss_co2, loss_ins, loss_co2, acc_ins)
+
+
 @torch.no_grad()
 def momentum_update(encoder_q: nn.Module, encoder_k: nn.Module, m: float) -> None:
-    """θ_k <- m θ_k + (1 - m) θ_q for every parameter (not BN buffers: f_k's BN statistics are its own).
-
-    lerp(θ_k, θ_q, 1 - m) = θ_k + (1 - m)(θ_q - θ_k); torch's lerp is exact at both ends (m = 1 keeps θ_k,
-    m = 0 copies θ_q), and the _foreach_ form updates all tensors in a few fused kernels.
-    """
+    """θ_k <- m θ_k + (1 - m) θ_q = lerp(θ_k, θ_q, 1 - m) for every parameter (BN buffers are f_k's own);
+    lerp is exact at both ends (m = 0 copies θ_q), and _foreach_ fuses the update into a few kernels."""
     torch._foreach_lerp_(list(encoder_k.parameters()), list(encoder_q.parameters()), 1.0 - m)
 
 
 @torch.no_grad()
 def enqueue(queue: torch.Tensor, ptr: int, k_all: torch.Tensor) -> int:
-    """FIFO update: queue[:, ptr : ptr+B] <- k_allᵀ, the oldest B keys are replaced. Returns (ptr + B) mod K.
-
-    queue: [C, K], k_all: [B, C] keys gathered from every rank (identical on every rank, so the queues stay
-    identical). ptr is a Python int: no device->host sync. K % B == 0 is checked at start-up.
-    """
+    """FIFO: queue[:, ptr : ptr+B] <- k_allᵀ replaces the oldest B keys; returns (ptr + B) mod K. k_all: [B, C],
+    the same on every rank, so the queues stay identical; ptr is a Python int (no host sync)."""
     batch, size = k_all.shape[0], queue.shape[1]
     if ptr + batch > size:
         raise ValueError(f"queue of size {size} at pointer {ptr} cannot take {batch} keys (K % B != 0)")
@@ -246,11 +219,8 @@ def enqueue(queue: torch.Tensor, ptr: int, k_all: torch.Tensor) -> int:
 
 
 def augmentations(image_size: int, blur: bool = True) -> TwoCrops:
-    """MoCo v2 "aug+" (main_moco.py L225-235): the same random pipeline draws the query and the key view.
-
-    blur=False drops the Gaussian blur, the one change of the 32 px CIFAR recipe (the MoCo CIFAR-10 demo and
-    lightly's CIFAR-10 benchmark do the same): σ up to 2 px wipes out most of a 32 px crop.
-    """
+    """MoCo v2 "aug+": one random pipeline draws both views. blur=False (the 32 px CIFAR recipe, as MoCo's
+    CIFAR-10 demo): a blur of σ up to 2 px wipes out most of a 32 px crop."""
     augmentation = T.Compose([
         T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
@@ -264,10 +234,7 @@ def augmentations(image_size: int, blur: bool = True) -> TwoCrops:
 
 
 class Encoder(nn.Module):
-    """f(x) = head(backbone(x)): ResNet without fc, then Linear(feat, mlp_dim) -> ReLU -> Linear(mlp_dim, dim).
-
-    MoCo v2's head replaces torchvision's fc by this 2-layer MLP with biases and no BatchNorm.
-    """
+    """f(x) = head(backbone(x)): ResNet without fc, then MoCo v2's MLP Linear -> ReLU -> Linear (no BN)."""
 
     def __init__(self, arch: str, small_stem: bool, mlp_dim: int, dim: int):
         super().__init__()
@@ -279,17 +246,122 @@ class Encoder(nn.Module):
 
 
 # =====================================================================================================
-# PLUMBING: fenced blocks are byte-identical in every script that carries them (tests/test_shared_blocks.py).
-# Fix them in one file, copy to the others.
+# main
+# =====================================================================================================
+def main(args: Args) -> dict:
+    """Trains and returns the final state {"encoder_q", "encoder_k", "queue", "queue_ptr"} (for tests)."""
+    # ---- 1. setup: processes, sizes, seeds; every check before any file is touched -------------------------
+    run = setup_run(args)
+    check_bn_splits(args.bn_splits, run.batch_per_rank)
+    if args.queue_size % args.batch_size:
+        raise UserError(f"--queue-size {args.queue_size} must be a multiple of the global --batch-size "
+                        f"{args.batch_size} (each step enqueues one global batch of keys)")
+    device = run.device
+    lr_peak = args.lr * args.batch_size / 256  # linear scaling rule: lr per 256 images
+
+    # ---- 2. run folder, checkpoint to resume ------------------------------------------------------------
+    if not open_run_folder(run, args, MUST_MATCH):
+        return {}
+
+    # ---- 3. data -------------------------------------------------------------------------------------------
+    train_set = make_dataset(args.dataset, args.data, "train", augmentations(args.image_size, args.blur),
+                             args.synthetic_images, args.image_size, args.seed)
+    loader = make_loader(train_set, run.batch_per_rank, run.rank, run.world, args.workers, args.seed)
+    steps_per_epoch = len(loader.sampler) // run.batch_per_rank
+    knn_sets = make_knn_sets(args, run.console)
+
+    # ---- 4. model, queue, optimizer ---------------------------------------------------------------------
+    encoder_q = Encoder(args.arch, args.small_stem, args.mlp_dim, args.dim).to(device)
+    if args.bn_splits > 1:
+        use_split_bn(encoder_q.backbone, args.bn_splits)  # before the copy: f_k gets split BN too
+    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # θ_k = θ_q at start
+    channels_last = device.type == "cuda" and args.channels_last
+    if channels_last:
+        encoder_q.to(memory_format=torch.channels_last)
+        encoder_k.to(memory_format=torch.channels_last)
+    # METHOD: the queue, K unit random columns [C, K], fp32, outside DDP; the same seed gives every rank the
+    # same queue, and the same gathered keys keep it so.
+    queue = F.normalize(torch.randn(args.dim, args.queue_size), dim=0).to(device)
+    queue_ptr = 0
+    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=lr_peak, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    autocast, scaler, amp_dtype = setup_amp(device, args.amp)
+    torch.manual_seed(args.seed + run.rank)  # from here on: per-rank randomness (augmentations, ShuffleBN)
+
+    # ---- 5. restore --------------------------------------------------------------------------------------
+    start_epoch, start_batch, step = restore_training(run, encoder_q, encoder_k, optimizer, scaler)
+    if run.ckpt is not None:
+        queue.copy_(run.ckpt["queue"])
+        queue_ptr = run.ckpt["queue_ptr"]
+    model = wrap_model(encoder_q, run, args.compile)
+    metrics = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), run.rank, step if run.ckpt else None)
+    announce(run, args, {"lr used (lr x B/256)": lr_peak, "amp dtype": amp_dtype or "fp32",
+                         "steps per epoch": steps_per_epoch})
+    if run.world == 1 and args.bn_splits == 1:
+        run.console.print("one process with --bn-splits 1: ShuffleBN cannot hide the key batch from BN (one BN "
+                          "batch for all keys); on one GPU use --bn-splits 8 (as on 8 GPUs)")
+
+    def checkpoint_state(next_epoch: int, next_batch: int) -> dict:
+        return {"method": METHOD, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
+                "step": step, "encoder_q": encoder_q.state_dict(), "encoder_k": encoder_k.state_dict(),
+                "queue": queue.cpu(), "queue_ptr": queue_ptr, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": all_rng_states(device)}
+
+    # ---- 6. train loop -----------------------------------------------------------------------------------
+    tail = StepTail(args, run, steps_per_epoch, metrics, checkpoint_state, knn_sets, encoder_q.backbone, autocast)
+    encoder_q.train()
+    encoder_k.train()  # f_k's BN uses batch statistics (of the shuffled batch), as official
+    with make_progress(run.console) as progress:
+        task = progress.add_task("train", total=(args.epochs - start_epoch) * steps_per_epoch - start_batch)
+        for epoch in range(start_epoch, args.epochs):
+            first_batch = start_batch if epoch == start_epoch else 0
+            loader.sampler.set_epoch(epoch, first_batch)
+            lr = lr_peak * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))  # cosine per epoch, no warm-up
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for batch_idx, (views, _) in enumerate(loader, start=first_batch):
+                x_q, x_k = (v.to(device, non_blocking=True) for v in views)
+                if channels_last:
+                    x_q, x_k = x_q.to(memory_format=torch.channels_last), x_k.to(memory_format=torch.channels_last)
+
+                # METHOD: one MoCo v2 + CO2 step. Queries with gradient, normalised in fp32 (fp16 can overflow).
+                with autocast():
+                    q = model(x_q)
+                q = F.normalize(q.float(), dim=1)  # [N, C]
+                # keys, no gradient: EMA first (uses θ_q after the previous step), then the ShuffleBN forward
+                with torch.no_grad():
+                    momentum_update(encoder_q, encoder_k, args.moco_m)
+                    x_k, idx_unshuffle = batch_shuffle(x_k)
+                    with autocast():
+                        k = encoder_k(x_k)
+                    k = batch_unshuffle(F.normalize(k.float(), dim=1), idx_unshuffle)  # [N, C], k_i pairs q_i
+                out = moco_co2_loss(q, k, queue, args.moco_t, args.co2_tau, args.co2_alpha)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()  # DDP averages the gradient over ranks
+                scaler.step(optimizer)
+                scaler.update()
+                queue_ptr = enqueue(queue, queue_ptr, concat_all_gather(k))  # the GLOBAL batch, rank order
+
+                step += 1
+                progress.advance(task)
+                if tail(epoch, batch_idx + 1, step, out._asdict(), lr=lr):
+                    break
+            if tail.stopped:
+                break
+
+    # ---- 7. teardown (the process group is destroyed by cli()) ----------------------------------------------
+    tail.finish(step)
+    return {"encoder_q": encoder_q, "encoder_k": encoder_k, "queue": queue, "queue_ptr": queue_ptr}
+
+
+# =====================================================================================================
+# APPENDIX: the plumbing. Fenced blocks are byte-identical in every script that carries them
+# (tests/test_shared_blocks.py finds them); fix one, then: python tests/test_shared_blocks.py --sync FILE.py
 # =====================================================================================================
 # >>> shared: distributed
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """Returns (global rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain
-    `python script.py` is one process with no process group. NCCL on GPUs, gloo on CPU.
-
-    The rank used everywhere is the GLOBAL rank (official AdCo uses the local GPU index, which is wrong on
-    every node but the first). The local rank only picks the GPU.
-    """
+    """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` is one
+    process without a process group. NCCL on GPUs, gloo on CPU. The local rank only picks the GPU."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -309,12 +381,11 @@ def is_distributed() -> bool:
 
 @torch.no_grad()
 def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """[N, ...] on every rank -> [R*N, ...] on every rank, in rank order (rank 0's rows first).
-    Identity with one process. Warning: all_gather has no gradient; use only on keys / no-grad tensors."""
+    """[N, ...] on every rank -> [R*N, ...] on every rank, rank 0's rows first. No gradient."""
     if not is_distributed():
         return x
-    # Send and receive buffers must share one memory layout: a channels_last image batch sent into NCHW
-    # buffers (or the reverse) can arrive with scrambled pixels and no error. So gather plain NCHW copies.
+    # Send and receive buffers must share one memory layout: a channels_last batch gathered into NCHW
+    # buffers (or the reverse) can arrive with scrambled pixels and no error. So gather NCHW copies.
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x)
@@ -322,7 +393,7 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """In-place mean over ranks (one all_reduce); identity with one process. Returns x."""
+    """In place: the mean over ranks (one all_reduce); identity with one process. Returns x."""
     if is_distributed():
         dist.all_reduce(x)
         x.div_(dist.get_world_size())
@@ -333,17 +404,15 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 # >>> shared: shuffle-bn
 @torch.no_grad()
 def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ShuffleBN, step 1 (MoCo section 3.3): gather the key images of all ranks, permute them with rank 0's
-    random permutation, give each rank one slice. The key encoder's per-GPU BN then sees a random subset
-    of the global batch, so BN statistics cannot leak which key belongs to which query.
-    One process: a local permutation, which changes BN only together with --bn-splits (SplitBatchNorm2d).
-    Returns (this rank's shuffled images [N, ...], the inverse permutation)."""
+    """ShuffleBN step 1 (MoCo section 3.3): gather all ranks' key images, permute them with rank 0's
+    permutation, give each rank one slice, so per-GPU BN cannot leak which key belongs to which query.
+    One process: a local permutation (it matters only with --bn-splits). Returns (images, inverse perm)."""
     if not is_distributed():
         idx_shuffle = torch.randperm(x.shape[0], device=x.device)
         mine, idx_unshuffle = x[idx_shuffle], torch.argsort(idx_shuffle)
     else:
         rank, world = dist.get_rank(), dist.get_world_size()
-        x_all = concat_all_gather(x)  # [R*N, ...], gathered as plain NCHW
+        x_all = concat_all_gather(x)  # [R*N, ...]
         idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
         dist.broadcast(idx_shuffle, src=0)  # every rank uses rank 0's permutation
         idx_unshuffle = torch.argsort(idx_shuffle)
@@ -355,22 +424,17 @@ def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
-    """ShuffleBN, step 2: gather the shuffled key features and return this rank's own samples, in their
-    original order (so k_i again belongs to q_i)."""
+    """ShuffleBN step 2: this rank's own key features, in their original order (k_i pairs q_i again)."""
     if not is_distributed():
         return x[idx_unshuffle]
     rank, world = dist.get_rank(), dist.get_world_size()
-    x_all = concat_all_gather(x)  # [R*N, C] in shuffled order
-    return x_all[idx_unshuffle.view(world, -1)[rank]]
+    return concat_all_gather(x)[idx_unshuffle.view(world, -1)[rank]]
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """Training-mode BN over S interleaved sub-batches (samples n with n mod S = s), so that one process
-    behaves like S GPUs with per-GPU BN and ShuffleBN can work without DDP (--bn-splits S; the MoCo
-    authors' CIFAR-10 demo uses S = 8). The running statistics are the mean of the S sub-batches' updates.
-    Eval mode is plain BN. Same parameters and buffers as nn.BatchNorm2d: checkpoints do not change.
-    Cost: a channels_last input is copied by the reshape and comes back NCHW (the sub-batches are not
-    contiguous in that layout); time it with benchmarks/throughput.py --bn-splits 8 --sweep."""
+    """Training-mode BN over S interleaved sub-batches (samples n mod S = s): one process behaves like S GPUs
+    with per-GPU BN, so ShuffleBN works on one GPU (--bn-splits S; MoCo's CIFAR-10 demo uses 8). Running
+    statistics = mean of the S sub-batch updates; eval mode is plain BN; same state dict as nn.BatchNorm2d."""
 
     def __init__(self, bn: nn.BatchNorm2d, splits: int):
         if not (bn.affine and bn.track_running_stats and bn.momentum is not None):
@@ -404,17 +468,20 @@ def use_split_bn(module: nn.Module, splits: int) -> nn.Module:
         else:
             use_split_bn(child, splits)
     return module
+
+
+def check_bn_splits(splits: int, batch_per_rank: int) -> None:
+    if splits < 1 or batch_per_rank % splits or (splits > 1 and batch_per_rank < 2 * splits):
+        raise UserError(f"--bn-splits {splits} must be >= 1 and divide the per-process batch {batch_per_rank} "
+                        "into sub-batches of at least 2 images")
 # <<< shared: shuffle-bn
 
 
 # >>> shared: amp
 def setup_amp(device: torch.device, enabled: bool):
-    """Returns (autocast context factory, GradScaler, dtype or None).
-
-    bf16 autocast on GPUs that support it (no loss scaling needed); fp16 + GradScaler on older GPUs;
-    plain fp32 on CPU or with --no-amp. Autocast covers the encoders only: every script casts embeddings to
-    fp32 before normalising, and computes logits, softmax, KL and bank/queue arithmetic in fp32.
-    """
+    """(autocast factory, GradScaler, dtype or None): bf16 on GPUs that have it, else fp16 + loss scaling;
+    fp32 on CPU or with --no-amp. Only the encoders run under autocast: embeddings are cast to fp32 before
+    normalising, and logits, softmax, KL and queue/bank arithmetic are fp32."""
     dtype = None
     if enabled and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -422,8 +489,7 @@ def setup_amp(device: torch.device, enabled: bool):
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    return autocast, scaler, dtype
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype is torch.float16), dtype
 # <<< shared: amp
 
 
@@ -452,15 +518,15 @@ def all_rng_states(device: torch.device) -> list:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic write: a crash while saving leaves the previous file intact (temp file + rename)."""
+    """Atomic: temp file + rename, so a crash while saving leaves the previous file intact."""
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
 def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
-    """--resume None: start fresh, but never over an existing run; 'auto': <out-dir>/last.pt if present;
-    otherwise a path that must exist. Returns the checkpoint to load, or None."""
+    """The checkpoint to load, or None. --resume None: a fresh run, never over an existing one; 'auto':
+    <out-dir>/last.pt if it exists; else a path that must exist."""
     last = os.path.join(out_dir, "last.pt")
     if resume is None:
         if os.path.exists(last):
@@ -493,8 +559,7 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     if not isinstance(ckpt, dict) or found != METHOD:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
         raise UserError(f"{path} is not a {METHOD}.py checkpoint (it holds {what})")
-    # arguments added later take the value that reproduces what older checkpoints did
-    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}
+    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}  # flags added later: the value older runs had
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
                for k in must_match if old.get(k) != getattr(args, k)]
     if changed:
@@ -511,7 +576,7 @@ def make_console(rank: int) -> Console:
 
 
 def print_args(console: Console, args, derived: dict) -> None:
-    """The run's arguments (and derived values) as a table. Text() cells: paths are never parsed as markup."""
+    """The arguments and derived values as a table; Text() cells, so paths are never parsed as markup."""
     table = Table(title=f"{METHOD}.py", show_header=True, header_style="bold")
     table.add_column("argument")
     table.add_column("value")
@@ -527,10 +592,8 @@ def make_progress(console: Console) -> Progress:
 
 
 class MetricsLog:
-    """<out-dir>/metrics.jsonl, one JSON object per line, written by rank 0.
-
-    On resume, records with a step after the checkpoint's (logged by the interrupted run after its last
-    checkpoint) are dropped, so the file reads as one uninterrupted run."""
+    """<out-dir>/metrics.jsonl, one JSON record per line, written by rank 0. On resume, records after the
+    checkpoint's step (logged after the last checkpoint) are dropped: the file reads as one run."""
 
     def __init__(self, path: str, rank: int, resume_step: Optional[int]):
         self.path, self.active = path, rank == 0
@@ -550,10 +613,174 @@ class MetricsLog:
 # <<< shared: console
 
 
+# >>> shared: pretrain
+@dataclass
+class Run:
+    """What every pre-training main() sets up alike: processes, console, sizes, the checkpoint to resume."""
+    rank: int
+    world: int
+    device: torch.device
+    console: Console
+    batch_per_rank: int
+    resume_path: Optional[str] = None
+    ckpt: Optional[dict] = None
+
+
+def setup_run(args) -> Run:
+    """Processes, device, console, the per-process batch and the seeds; touches no file."""
+    rank, world, device = setup_distributed()
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the "
+                        f"{world} processes")
+    torch.manual_seed(args.seed)  # identical initial weights and negatives on every rank
+    random.seed(args.seed + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return Run(rank, world, device, make_console(rank), args.batch_size // world)
+
+
+def open_run_folder(run: Run, args, must_match: tuple) -> bool:
+    """Sets run.ckpt (the checkpoint to resume) and makes --out-dir. False: it already finished --epochs."""
+    run.resume_path = resolve_resume(args.resume, args.out_dir)
+    run.ckpt = load_checkpoint(run.resume_path, args, must_match) if run.resume_path else None
+    if run.ckpt is not None and run.ckpt["next_epoch"] >= args.epochs:
+        run.console.print(f"{run.resume_path} already finished {run.ckpt['next_epoch']} epochs; nothing to do "
+                          f"(raise --epochs to train longer)", markup=False)
+        return False
+    os.makedirs(args.out_dir, exist_ok=True)
+    return True
+
+
+def make_knn_sets(args, console: Console):
+    """(memory, val) datasets of the kNN monitor, eval transform; None when off or without a val split."""
+    if args.knn_every <= 0:
+        return None
+    try:
+        split = [make_dataset(args.dataset, args.data, s, eval_transform(args.image_size), args.synthetic_images,
+                              args.image_size, args.seed) for s in ("train", "val")]
+    except UserError as e:
+        console.print(f"kNN monitor off: {e}", markup=False)
+        return None
+    stride = max(1, round(1 / args.knn_train_fraction))  # every stride-th train image is memory
+    return torch.utils.data.Subset(split[0], range(0, len(split[0]), stride)), split[1]
+
+
+def restore_training(run: Run, encoder_q: nn.Module, encoder_k: nn.Module, optimizer, scaler) -> tuple:
+    """Encoders, optimizer, scaler and this rank's RNG from run.ckpt (the caller restores its queue or bank).
+    Returns (start epoch, start batch, global step): (0, 0, 0) for a fresh run."""
+    ckpt = run.ckpt
+    if ckpt is None:
+        return 0, 0, 0
+    encoder_q.load_state_dict(ckpt["encoder_q"])
+    encoder_k.load_state_dict(ckpt["encoder_k"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == run.world:
+        set_rng_state(ckpt["rng"][run.rank], run.device)
+    else:
+        run.console.print(f"resuming on {run.world} processes from a run on {len(ckpt['rng'])}: RNG streams restart")
+    return ckpt["next_epoch"], ckpt["next_batch"], ckpt["step"]
+
+
+def wrap_model(encoder_q: nn.Module, run: Run, compile_model: bool) -> nn.Module:
+    """DDP (averages the gradients) around the query encoder with several processes; then torch.compile."""
+    model = encoder_q
+    if run.world > 1:
+        model = DDP(encoder_q, device_ids=[run.device] if run.device.type == "cuda" else None)
+    return torch.compile(model) if compile_model else model
+
+
+def announce(run: Run, args, derived: dict) -> None:
+    """args.json in the run folder (rank 0) and the table of arguments and derived values."""
+    if run.rank == 0:
+        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    resumed = "-" if run.ckpt is None else \
+        f"{run.resume_path} (epoch {run.ckpt['next_epoch']}, batch {run.ckpt['next_batch']})"
+    print_args(run.console, args, {"world size": run.world, "device": run.device,
+                                   "per-process batch": run.batch_per_rank, **derived, "resumed from": resumed})
+
+
+class StepTail:
+    """The end of every training step, alike in every script, and the only place with host syncs.
+
+    A step hands in its statistics by name (0-dim device tensors), summed on the device. Every --log-every
+    steps and before each checkpoint: ONE all-reduce of the sums, the non-finite guard, a metrics.jsonl
+    record, a console line. End of epoch: the kNN monitor (every --knn-every epochs). last.pt at the end of
+    each epoch, every --ckpt-every-steps and at --stop-at-step. checkpoint_state(next_epoch, next_batch) is
+    the method's checkpoint; log_values() adds host values read only when logging."""
+
+    def __init__(self, args, run: Run, steps_per_epoch: int, metrics: MetricsLog, checkpoint_state, knn_sets,
+                 backbone: nn.Module, autocast, log_values=dict):
+        self.args, self.run, self.steps_per_epoch, self.metrics = args, run, steps_per_epoch, metrics
+        self.checkpoint_state, self.knn_sets, self.backbone, self.autocast = checkpoint_state, knn_sets, backbone, autocast
+        self.log_values, self.names, self.sums = log_values, None, None
+        self.window_start, self.record, self.stopped = time.perf_counter(), None, False
+
+    def __call__(self, epoch: int, done: int, step: int, stats: dict, **fields) -> bool:
+        """After `done` batches of `epoch`, at global step `step`; fields (lr, ...) are logged as given.
+        Returns True when the run stops here (--stop-at-step), after its checkpoint."""
+        args = self.args
+        values = torch.stack([*(v.detach().float() for v in stats.values()), torch.ones((), device=self.run.device)])
+        if self.sums is None:
+            self.names, self.sums = list(stats), torch.zeros_like(values)
+        self.sums += values  # the last entry counts the steps
+        end_of_epoch = done == self.steps_per_epoch
+        self.stopped = args.stop_at_step is not None and step >= args.stop_at_step
+        save = end_of_epoch or self.stopped or (args.ckpt_every_steps > 0 and step % args.ckpt_every_steps == 0)
+        self.record = self.log(epoch, done, step, fields) if done % args.log_every == 0 or save else None
+        if end_of_epoch and self.knn_sets is not None and (epoch + 1) % args.knn_every == 0:
+            self.knn_monitor(epoch, step)
+        if save:
+            state = self.checkpoint_state(epoch + 1, 0) if end_of_epoch else self.checkpoint_state(epoch, done)
+            if self.run.rank == 0:
+                save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
+        if self.stopped:
+            self.run.console.print(f"stopped at step {step} (--stop-at-step); continue with --resume auto")
+        return self.stopped
+
+    def log(self, epoch: int, done: int, step: int, fields: dict) -> dict:
+        *totals, steps = all_reduce_mean(self.sums.clone()).tolist()
+        record = {"epoch": epoch, "step": step, **fields, **{k: t / steps for k, t in zip(self.names, totals)},
+                  **self.log_values(), "img_per_s": steps * self.args.batch_size / (time.perf_counter() - self.window_start)}
+        if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
+            bad = os.path.join(self.args.out_dir, f"nonfinite_step{step}.pt")  # last.pt stays the last good state
+            state = self.checkpoint_state(epoch, done)
+            if self.run.rank == 0:
+                save_checkpoint(bad, state)
+            raise UserError(f"non-finite loss or state at epoch {epoch}, step {step} ({record}); "
+                            f"{os.path.join(self.args.out_dir, 'last.pt')} is the last good checkpoint, "
+                            f"the diverged state is in {bad}")
+        if self.run.device.type == "cuda":
+            record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.run.device) / 2**30
+        self.metrics.write(record)
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "step"))
+        self.run.console.print(f"epoch {epoch} [{done}/{self.steps_per_epoch}] step {step}  {shown}",
+                               markup=False, highlight=False)
+        self.sums.zero_()
+        self.window_start = time.perf_counter()
+        return record
+
+    def knn_monitor(self, epoch: int, step: int) -> None:
+        try:  # a monitor must never end a training run
+            top1, top5 = knn_accuracy(self.backbone, *self.knn_sets, self.run.batch_per_rank * 2, self.run.device,
+                                      self.args.knn_k, self.args.knn_t, self.args.workers, self.autocast)
+            self.metrics.write({"epoch": epoch, "step": step, "knn_top1": top1, "knn_top5": top5})
+            self.run.console.print(f"epoch {epoch}  kNN top-1 {top1:.2f}  top-5 {top5:.2f}", markup=False)
+        except Exception as e:  # noqa: BLE001
+            self.run.console.print(f"kNN monitor failed, training continues: {type(e).__name__}: {e}", markup=False)
+
+    def finish(self, step: int) -> None:
+        if not self.stopped:
+            last = os.path.join(self.args.out_dir, "last.pt")
+            self.run.console.print(f"done: {self.args.epochs} epochs, {step} steps; checkpoint {last}", markup=False)
+# <<< shared: pretrain
+
+
 # >>> shared: entry
 def cli(main, args_type) -> None:
-    """Parse the Args dataclass (tyro: --help comes from the field docstrings), run main, and turn a
-    UserError into one line on stderr and exit code 2 (no traceback). Always tears down the process group."""
+    """Parses Args with tyro (--help comes from the field docstrings) and runs main. A UserError becomes one
+    line on stderr and exit code 2, no traceback. Always tears down the process group."""
     args = tyro.cli(args_type, console_outputs=int(os.environ.get("RANK", "0")) == 0)
     try:
         main(args)
@@ -567,216 +794,6 @@ def cli(main, args_type) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 # <<< shared: entry
-
-
-# =====================================================================================================
-# main
-# =====================================================================================================
-def main(args: Args) -> dict:
-    """Trains and returns the final state {"encoder_q", "encoder_k", "queue", "queue_ptr"} (for tests)."""
-    # ---- 1. setup: processes, sizes, seeds ------------------------------------------------------------
-    rank, world, device = setup_distributed()
-    console = make_console(rank)
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the "
-                        f"{world} processes")
-    batch_per_rank = args.batch_size // world
-    too_small = args.bn_splits > 1 and batch_per_rank < 2 * args.bn_splits  # a sub-batch needs 2 images
-    if args.bn_splits < 1 or batch_per_rank % args.bn_splits or too_small:
-        raise UserError(f"--bn-splits {args.bn_splits} must be >= 1 and divide the per-process batch {batch_per_rank} "
-                        "into sub-batches of at least 2 images")
-    if args.queue_size % args.batch_size:
-        raise UserError(f"--queue-size {args.queue_size} must be a multiple of the global --batch-size "
-                        f"{args.batch_size} (each step enqueues one global batch of keys)")
-    lr_peak = args.lr * args.batch_size / 256  # linear scaling rule: lr per 256 images
-    torch.manual_seed(args.seed)  # identical initial weights and queue on every rank
-    random.seed(args.seed + rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    # ---- 2. run folder, resume --------------------------------------------------------------------------
-    resume_path = resolve_resume(args.resume, args.out_dir)
-    ckpt = load_checkpoint(resume_path, args, MUST_MATCH) if resume_path else None
-    if ckpt is not None and ckpt["next_epoch"] >= args.epochs:
-        console.print(f"{resume_path} already finished {ckpt['next_epoch']} epochs; nothing to do "
-                      f"(raise --epochs to train longer)", markup=False)
-        return {}
-    os.makedirs(args.out_dir, exist_ok=True)
-
-    # ---- 3. data ----------------------------------------------------------------------------------------
-    train_set = make_dataset(args.dataset, args.data, "train", augmentations(args.image_size, args.blur),
-                             args.synthetic_images, args.image_size, args.seed)
-    loader = make_loader(train_set, batch_per_rank, rank, world, args.workers, args.seed)
-    steps_per_epoch = len(loader.sampler) // batch_per_rank
-    knn_sets = None
-    if args.knn_every > 0:
-        try:
-            memory = make_dataset(args.dataset, args.data, "train", eval_transform(args.image_size),
-                                  args.synthetic_images, args.image_size, args.seed)
-            stride = max(1, round(1 / args.knn_train_fraction))
-            memory = torch.utils.data.Subset(memory, range(0, len(memory), stride))
-            knn_sets = (memory, make_dataset(args.dataset, args.data, "val", eval_transform(args.image_size),
-                                             args.synthetic_images, args.image_size, args.seed))
-        except UserError as e:
-            console.print(f"kNN monitor off: {e}", markup=False)
-
-    # ---- 4. model, queue, optimizer ----------------------------------------------------------------------
-    encoder_q = Encoder(args.arch, args.small_stem, args.mlp_dim, args.dim).to(device)
-    if args.bn_splits > 1:
-        use_split_bn(encoder_q.backbone, args.bn_splits)  # before the copy: f_k gets split BN too
-    encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # θ_k = θ_q at start (MoCo builder L34-36)
-    if device.type == "cuda" and args.channels_last:
-        encoder_q.to(memory_format=torch.channels_last)
-        encoder_k.to(memory_format=torch.channels_last)
-    # The queue: K unit-norm random columns [C, K], fp32, outside DDP; same seed -> same queue on every rank.
-    queue = F.normalize(torch.randn(args.dim, args.queue_size), dim=0).to(device)
-    queue_ptr = 0
-    optimizer = torch.optim.SGD(encoder_q.parameters(), lr=lr_peak, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    autocast, scaler, amp_dtype = setup_amp(device, args.amp)
-    torch.manual_seed(args.seed + rank)  # from here on: per-rank randomness (augmentations, ShuffleBN perm)
-
-    # ---- 5. restore ----------------------------------------------------------------------------------------
-    start_epoch, start_batch, step = 0, 0, 0
-    if ckpt is not None:
-        encoder_q.load_state_dict(ckpt["encoder_q"])
-        encoder_k.load_state_dict(ckpt["encoder_k"])
-        queue.copy_(ckpt["queue"])
-        queue_ptr = ckpt["queue_ptr"]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_batch, step = ckpt["next_epoch"], ckpt["next_batch"], ckpt["step"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank], device)
-        else:
-            console.print(f"resuming on {world} processes from a run on {len(ckpt['rng'])}: RNG streams restart")
-    model = DDP(encoder_q, device_ids=[device] if device.type == "cuda" else None) if world > 1 else encoder_q
-    if args.compile:
-        model = torch.compile(model)
-    metrics = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), rank, step if ckpt else None)
-    if rank == 0:
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-    print_args(console, args, {
-        "world size": world, "device": device, "per-process batch": batch_per_rank,
-        "lr used (lr x B/256)": lr_peak, "amp dtype": amp_dtype or "fp32", "steps per epoch": steps_per_epoch,
-        "resumed from": f"{resume_path} (epoch {start_epoch}, batch {start_batch})" if ckpt else "-",
-    })
-    if world == 1 and args.bn_splits == 1:
-        console.print("one process with --bn-splits 1: ShuffleBN cannot hide the key batch from BN (one BN "
-                      "batch for all keys); on one GPU use --bn-splits 8 (as on 8 GPUs)")
-
-    def checkpoint_state(next_epoch: int, next_batch: int) -> dict:
-        return {"method": METHOD, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
-                "step": step, "encoder_q": encoder_q.state_dict(), "encoder_k": encoder_k.state_dict(),
-                "queue": queue.cpu(), "queue_ptr": queue_ptr, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": all_rng_states(device)}
-
-    # ---- 6. train loop ----------------------------------------------------------------------------------
-    encoder_q.train()
-    encoder_k.train()  # f_k's BN uses batch statistics (of the shuffled batch), as official
-    # Running sums on the device (no host sync per step): loss, L_ins, L_con, InfoNCE top-1, steps.
-    sums = torch.zeros(5, device=device)
-    window_start = time.perf_counter()
-    with make_progress(console) as progress:
-        task = progress.add_task("train", total=(args.epochs - start_epoch) * steps_per_epoch - start_batch)
-        for epoch in range(start_epoch, args.epochs):
-            first_batch = start_batch if epoch == start_epoch else 0
-            loader.sampler.set_epoch(epoch, first_batch)
-            # cosine schedule, set once per epoch, no warm-up (main_moco.py L372-381)
-            lr = lr_peak * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for batch_idx, (views, _) in enumerate(loader, start=first_batch):
-                x_q, x_k = (v.to(device, non_blocking=True) for v in views)
-                if device.type == "cuda" and args.channels_last:
-                    x_q, x_k = x_q.to(memory_format=torch.channels_last), x_k.to(memory_format=torch.channels_last)
-
-                # queries, with gradient. Normalise in fp32 (fp16 normalisation can overflow -> NaN).
-                with autocast():
-                    q = model(x_q)
-                q = F.normalize(q.float(), dim=1)  # [N, C]
-                # keys, no gradient: EMA first (uses θ_q after the previous step), then ShuffleBN forward.
-                with torch.no_grad():
-                    momentum_update(encoder_q, encoder_k, args.moco_m)
-                    x_k, idx_unshuffle = batch_shuffle(x_k)
-                    with autocast():
-                        k = encoder_k(x_k)
-                    k = batch_unshuffle(F.normalize(k.float(), dim=1), idx_unshuffle)  # [N, C], k_i pairs q_i
-
-                # L = L_ins + α L_con, both against the queue BEFORE this step's enqueue (fp32).
-                logits, labels = infonce_logits(q, k, queue, args.moco_t)
-                loss_ins = F.cross_entropy(logits, labels)  # mean over this rank; DDP averages over ranks
-                loss_co2 = co2_loss(q, k, queue, args.co2_tau) if args.co2_alpha > 0 else torch.zeros((), device=device)
-                loss = loss_ins + args.co2_alpha * loss_co2
-
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-
-                # dequeue/enqueue the GLOBAL batch of keys (rank order), identical on every rank
-                queue_ptr = enqueue(queue, queue_ptr, concat_all_gather(k))
-
-                step += 1
-                progress.advance(task)
-                with torch.no_grad():
-                    top1 = (logits.argmax(dim=1) == 0).float().mean()
-                    sums += torch.stack([loss.detach(), loss_ins.detach(), loss_co2.detach(), top1,
-                                         torch.ones((), device=device)])
-
-                # ---- logging, non-finite guard, checkpoints (the only host syncs) ----------------------
-                done = batch_idx + 1
-                end_of_epoch = done == steps_per_epoch
-                stop = args.stop_at_step is not None and step >= args.stop_at_step
-                save = end_of_epoch or stop or (args.ckpt_every_steps > 0 and step % args.ckpt_every_steps == 0)
-                if done % args.log_every == 0 or save:
-                    totals = all_reduce_mean(sums.clone()).tolist()
-                    n = totals[4]
-                    elapsed = time.perf_counter() - window_start
-                    record = {"epoch": epoch, "step": step, "lr": lr, "loss": totals[0] / n,
-                              "loss_ins": totals[1] / n, "loss_co2": totals[2] / n, "acc_ins": 100 * totals[3] / n,
-                              "img_per_s": n * args.batch_size / elapsed}
-                    if not all(math.isfinite(v) for v in totals):
-                        # keep last.pt (the last good state); save the diverged state beside it for inspection
-                        bad = os.path.join(args.out_dir, f"nonfinite_step{step}.pt")
-                        state = checkpoint_state(epoch, done)
-                        if rank == 0:
-                            save_checkpoint(bad, state)
-                        raise UserError(f"non-finite loss at epoch {epoch}, step {step} ({record}); "
-                                        f"{os.path.join(args.out_dir, 'last.pt')} is the last good checkpoint, "
-                                        f"the diverged state is in {bad}")
-                    if device.type == "cuda":
-                        record["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    metrics.write(record)
-                    console.print(f"epoch {epoch} [{done}/{steps_per_epoch}] step {step}  loss {record['loss']:.4f} "
-                                  f"(ins {record['loss_ins']:.4f}, co2 {record['loss_co2']:.4f})  "
-                                  f"acc_ins {record['acc_ins']:.1f}  lr {lr:.5f}  {record['img_per_s']:.0f} img/s",
-                                  markup=False, highlight=False)
-                    sums.zero_()
-                    window_start = time.perf_counter()
-
-                # ---- 7. end of epoch: kNN monitor, checkpoint --------------------------------------------------
-                if end_of_epoch and knn_sets is not None and (epoch + 1) % args.knn_every == 0:
-                    try:  # a monitor must never end a training run (CaCo exits on a failed kNN)
-                        top1_knn, top5_knn = knn_accuracy(encoder_q.backbone, *knn_sets, batch_per_rank * 2,
-                                                          device, args.knn_k, args.knn_t, args.workers, autocast)
-                        metrics.write({"epoch": epoch, "step": step, "knn_top1": top1_knn, "knn_top5": top5_knn})
-                        console.print(f"epoch {epoch}  kNN top-1 {top1_knn:.2f}  top-5 {top5_knn:.2f}", markup=False)
-                    except Exception as e:  # noqa: BLE001
-                        console.print(f"kNN monitor failed, training continues: {type(e).__name__}: {e}", markup=False)
-                if save:
-                    state = checkpoint_state(epoch + 1, 0) if end_of_epoch else checkpoint_state(epoch, done)
-                    if rank == 0:
-                        save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
-                if stop:
-                    console.print(f"stopped at step {step} (--stop-at-step); continue with --resume auto")
-                    return {"encoder_q": encoder_q, "encoder_k": encoder_k, "queue": queue, "queue_ptr": queue_ptr}
-
-    # ---- 8. teardown (the process group is destroyed by cli()) -------------------------------------------
-    console.print(f"done: {args.epochs} epochs, {step} steps; checkpoint {os.path.join(args.out_dir, 'last.pt')}",
-                  markup=False)
-    return {"encoder_q": encoder_q, "encoder_k": encoder_k, "queue": queue, "queue_ptr": queue_ptr}
 
 
 if __name__ == "__main__":

@@ -127,3 +127,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def write_cifar10(root, train_per_batch: int = 8, test: int = 8, seed: int = 0) -> dict:
+    """torchvision's CIFAR-10 files (cifar-10-batches-py: 5 pickled train batches, test_batch, batches.meta)
+    under `root`, filled with generated images, labels 0..9 in turn. The files cannot match torchvision's MD5
+    sums, so this also writes a sitecustomize.py that skips that check; returns the environment (PYTHONPATH)
+    under which a script subprocess loads them. The bypass exists in tests only."""
+    import pickle
+
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = test if name == "test_batch" else train_per_batch
+        pixels = torch.randint(0, 256, (n, 3 * 32 * 32), generator=g, dtype=torch.uint8).numpy()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": pixels, "labels": [i % 10 for i in range(n)]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{c}" for c in range(10)]}, f)
+    bypass = Path(root) / "md5_bypass"
+    bypass.mkdir(exist_ok=True)
+    (bypass / "sitecustomize.py").write_text(
+        "import torchvision.datasets.cifar as c\nc.check_integrity = lambda *args, **kwargs: True  # test files only\n")
+    return {"PYTHONPATH": os.pathsep.join([str(bypass), os.environ.get("PYTHONPATH", "")])}

@@ -1,4 +1,4 @@
-"""The README's CIFAR-10 recipe: its commands run as printed (tiny sizes substituted), and the two things the
+"""The CIFAR-10 recipe of docs/cifar10.md: its commands run as printed (tiny sizes substituted), and the two things the
 recipe changes in the code path behave as documented: --no-blur removes exactly the Gaussian blur, and small
 images are evaluated whole."""
 import shlex
@@ -12,7 +12,7 @@ import adco
 import caco
 import moco_co2
 from common import IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, MultiCrop, TwoCrops, eval_transform
-from conftest import ROOT, load, run_script
+from conftest import ROOT, load, run_script, write_cifar10
 
 SCRIPTS = {"moco_co2.py", "adco.py", "caco.py", "linear_eval.py"}
 # Only sizes shrink; every other flag of the README command is kept as printed.
@@ -21,8 +21,9 @@ TINY_SIZES = {"--epochs": "1", "--batch-size": "16", "--queue-size": "32", "--ba
 
 
 def readme_recipe_commands() -> list[list[str]]:
-    """The commands of the first ```bash block after the "### CIFAR-10 recipe" heading, continuations joined."""
-    text = (ROOT / "README.md").read_text()
+    """The commands of the first ```bash block after the "### CIFAR-10 recipe" heading of docs/cifar10.md,
+    continuations joined."""
+    text = (ROOT / "docs" / "cifar10.md").read_text()
     section = text[text.index("### CIFAR-10 recipe"):]
     block = section[section.index("```bash") + len("```bash"):]
     block = block[:block.index("```")]
@@ -86,19 +87,11 @@ def test_readme_cifar_commands_run_as_printed(tmp_path):
     commands = readme_recipe_commands()
     scripts = [c[1] for c in commands if c[0] == "python" and c[1] in SCRIPTS]
     assert scripts.count("moco_co2.py") == 2 and {"adco.py", "caco.py", "linear_eval.py"} <= set(scripts)
-    for split, n in (("train", 16), ("test", 4)):  # the layout npz_to_imagefolder.py writes: train/ and test/
-        for c in range(2):
-            folder = tmp_path / "data" / "cifar10" / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(100 * c + i),
-                                       dtype=torch.uint8)
-                Image.fromarray(pixels.numpy()).save(folder / f"{i}.jpg")
+    env = write_cifar10(tmp_path / "data")  # the recipe reads --dataset cifar10 --data data
     ran = []
     for tokens in commands:
-        if tokens[0] != "python" or tokens[1] not in SCRIPTS:
-            continue  # the unpack step of the shared data pack (not part of this repository)
-        proc = run_script(tokens[1], *shrink(tokens[2:]), cwd=tmp_path)
+        assert tokens[0] == "python" and tokens[1] in SCRIPTS, tokens  # nothing but the four scripts
+        proc = run_script(tokens[1], *shrink(tokens[2:]), cwd=tmp_path, env=env)
         ran.append((tokens, proc.stdout))
     for tokens, _ in ran:
         if tokens[1] != "linear_eval.py":

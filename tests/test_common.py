@@ -101,3 +101,30 @@ def test_knn_predict_matches_brute_force():
         expected = [sum(torch.exp(torch.tensor(s / t)).item() for s, j in nearest if labels[j] == c)
                     for c in range(3)]
         assert torch.allclose(scores[i], torch.tensor(expected), rtol=1e-5)
+
+
+def test_cifar10_by_name_reads_torchvision_files_and_says_where_they_go(tmp_path, monkeypatch):
+    """--dataset cifar10 goes through torchvision's CIFAR10 class (files written in its format; its MD5 check
+    bypassed, test only); train = the 5 batches, val = test_batch. Missing files without network: one line
+    naming the folder (this machine has no network, so the download attempt fails)."""
+    import pickle
+
+    import torchvision.datasets.cifar as cifar
+
+    from conftest import write_cifar10
+
+    write_cifar10(tmp_path / "data", train_per_batch=4, test=6)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    train = make_dataset("cifar10", str(tmp_path / "data"), "train", None)
+    val = make_dataset("cifar10", str(tmp_path / "data"), "val", None)
+    assert len(train) == 20 and len(val) == 6 and train.classes == [f"class{c}" for c in range(10)]
+    with open(tmp_path / "data" / "cifar-10-batches-py" / "data_batch_2", "rb") as f:
+        second = pickle.load(f)
+    image, label = train[4]  # the first image of the second batch, HWC
+    assert label == second["labels"][0]
+    assert torch.equal(torch.as_tensor(list(image.getdata())).T.reshape(3, 32, 32).flatten(),
+                       torch.as_tensor(second["data"][0]).long())
+    with pytest.raises(UserError, match=r"no cifar-10-batches-py/ under .*empty.*download failed"):
+        make_dataset("cifar10", str(tmp_path / "empty"), "train", None)
+    with pytest.raises(UserError, match="needs --data"):
+        make_dataset("cifar100", None, "train", None)

@@ -1,11 +1,19 @@
 """The fenced plumbing blocks (# >>> shared: NAME ... # <<< shared: NAME) must be byte-identical in every
-script that carries them, so a fix lands everywhere at once while each file stays self-contained."""
+script that carries them, so a fix lands everywhere at once while each file stays self-contained. The scripts
+are found, not listed: every top-level *.py with a fence, so a forked method file is checked from its first run."""
 import re
+import shutil
+import subprocess
+import sys
 
-from conftest import ROOT
+from conftest import ROOT, TINY, _env
 
-SCRIPTS = ["moco_co2.py", "adco.py", "caco.py", "linear_eval.py"]
-EXPECTED_IN_MOCO = {"distributed", "shuffle-bn", "amp", "checkpoint", "console", "entry"}
+EXPECTED_IN_MOCO = {"distributed", "shuffle-bn", "amp", "checkpoint", "console", "pretrain", "entry"}
+
+
+def fenced_scripts(root=ROOT) -> list:
+    """Every top-level *.py of `root` that carries at least one fence."""
+    return sorted(p.name for p in root.glob("*.py") if re.search(r"^# >>> shared: ", p.read_text(), re.M))
 
 
 def blocks(path):
@@ -27,15 +35,46 @@ def blocks(path):
     return found
 
 
-def test_shared_blocks_identical():
-    per_file = {name: blocks(ROOT / name) for name in SCRIPTS if (ROOT / name).exists()}
-    assert set(per_file["moco_co2.py"]) == EXPECTED_IN_MOCO
+def check_identical(root=ROOT) -> None:
+    per_file = {name: blocks(root / name) for name in fenced_scripts(root)}
     reference = {}
     for name, found in per_file.items():
         for block, text in found.items():
             reference.setdefault(block, (name, text))
             first, first_text = reference[block]
             assert text == first_text, f"shared block {block!r} differs between {first} and {name}"
+
+
+def test_shared_blocks_identical():
+    assert {"moco_co2.py", "adco.py", "caco.py", "linear_eval.py"} <= set(fenced_scripts())
+    assert set(blocks(ROOT / "moco_co2.py")) == EXPECTED_IN_MOCO
+    check_identical()
+
+
+def test_a_fork_is_found_checked_trained_and_evaluated_with_no_other_file_edited(tmp_path):
+    """A new method made as the docs say (copy moco_co2.py, rename METHOD) in a copy of the repository: the
+    block check finds it without being told (and catches an edit of one of its blocks), it trains, and
+    linear_eval.py --knn accepts its checkpoint."""
+    for name in [p.name for p in ROOT.glob("*.py")]:
+        shutil.copy(ROOT / name, tmp_path / name)
+    fork = tmp_path / "my_method.py"
+    fork.write_text((ROOT / "moco_co2.py").read_text().replace('METHOD = "moco_co2"', 'METHOD = "my_method"'))
+    assert "my_method.py" in fenced_scripts(tmp_path)
+    check_identical(tmp_path)
+    out = tmp_path / "run"
+    for command in (["my_method.py", *TINY, "--queue-size", "64", "--epochs", "1", "--out-dir", out],
+                    ["linear_eval.py", "--knn", "--checkpoint", out / "last.pt", *TINY, "--out-dir", tmp_path / "knn"]):
+        proc = subprocess.run([sys.executable, *map(str, command)], cwd=tmp_path, env=_env(), capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kNN (k=200" in proc.stdout and "my_method.py checkpoint" in proc.stdout
+    fork.write_text(fork.read_text().replace("x.div_(dist.get_world_size())", "x.div_(2)"))
+    try:
+        check_identical(tmp_path)
+    except AssertionError as e:
+        assert "'distributed' differs" in str(e)
+    else:
+        raise AssertionError("an edited block in the fork went unnoticed")
 
 
 def test_fence_parser_detects_a_difference(tmp_path):
@@ -49,9 +88,9 @@ def test_fence_parser_detects_a_difference(tmp_path):
 def sync_from(source: str) -> None:
     """Copy every fenced block of `source` into the other scripts that carry a block of the same name."""
     reference = blocks(ROOT / source)
-    for name in SCRIPTS:
+    for name in fenced_scripts():
         path = ROOT / name
-        if name == source or not path.exists():
+        if name == source:
             continue
         text = path.read_text()
         for block, body in reference.items():
