@@ -7,8 +7,7 @@ Defaults = the official single-crop ImageNet recipe (maple-research-lab/AdCo @ f
 What this file implements (q: query, with gradient; k_all: the keys of the WHOLE global batch, rank order;
 W: the bank [C, K], un-normalised, n_k = W_k / ||W_k||; unit vectors; each equation where it is computed)
     f_q, f_k   ResNet + MLP head; f_k = EMA of f_q (m = 0.999) with ShuffleBN              momentum_update
-    loss       L_τ = mean_i CE([q_i.k_allᵀ | q_i.n] / τ, own key), τ = 0.12 (Eq. 3; the other B-1 keys of the
-               batch are extra negatives)                                    adco_loss_and_bank_grad
+    loss       L_τ = mean_i CE([q_i.k_allᵀ | q_i.n] / τ, own key), τ = 0.12 (Eq. 3)        adco_loss_and_bank_grad
     bank       ASCENDS the same loss at τ_m = 0.02 (Eq. 5): G = -∂L_τm/∂W in closed form  bank_grad
                v <- μ v + G + λ W, W <- W - η v (μ 0.9, λ 1e-4, η 3), G averaged over ranks   bank_momentum_step
     --sym      ½ CE(q1, k2_all) + ½ CE(q2, k1_all); --multi-crop: 5 query crops, SUMMED     crop_plan
@@ -27,8 +26,8 @@ Run it
         --batch-size 16 --bank-size 64 --workers 0 --epochs 2 --out-dir runs/smoke          # CPU, seconds
 
 docs/adco.md: every command, defaults vs paper, logged metrics, the bank gradient's derivation, the dead-bank
-diagnosis, deviations from the official code. Layout: Args -> method math -> model and augmentations ->
-main() -> appendix: the fenced plumbing blocks (byte-identical in every script, tests/test_shared_blocks.py).
+diagnosis, deviations from the official code. Layout: Args -> method math -> model, augmentations -> main() ->
+appendix: the fenced plumbing blocks (byte-identical in every script, tests/test_shared_blocks.py).
 """
 
 import copy
@@ -63,20 +62,16 @@ METHOD = "adco"  # written into every checkpoint; --resume refuses checkpoints o
 class Args:
     """AdCo pre-training. Defaults = the official single-crop ImageNet recipe (8 GPUs x 32 images, 68.6 %)."""
 
-    # --- experiment -------------------------------------------------------------------------------
     out_dir: str = "runs/adco"
     """folder for last.pt, metrics.jsonl and args.json; refused if it already holds a run and --resume is not given"""
     resume: Optional[str] = None
     """'auto': continue from <out-dir>/last.pt when it exists (else start fresh); or the path of a checkpoint"""
     seed: int = 0
     """seed for weights, bank and data order (augmentations use seed + rank)"""
-
-    # --- data -------------------------------------------------------------------------------------
     dataset: Literal["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"] = "imagefolder"
-    """imagefolder: --data holds train/ and val/ (or test/) class folders (ImageNet layout); cifar10, cifar100,
-    stl10: torchvision's files under --data (downloaded there if missing and the network allows); synthetic: fake images"""
+    """imagefolder: class folders under --data (ImageNet layout); cifar10, cifar100, stl10: torchvision's; synthetic"""
     data: Optional[str] = None
-    """root folder of the dataset (--dataset imagefolder, cifar10, cifar100, stl10)"""
+    """dataset root: train/ and val/ (or test/) for imagefolder; else torchvision's files (downloaded if missing)"""
     synthetic_images: int = 256
     """number of training images for --dataset synthetic (a quarter as many val images)"""
     image_size: int = 224
@@ -85,21 +80,16 @@ class Args:
     """Gaussian blur (p = 0.5) in every crop's augmentation, as upstream; --no-blur for 32 px images (CIFAR)"""
     workers: int = 8
     """DataLoader worker processes per GPU process"""
-
-    # --- model ------------------------------------------------------------------------------------
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
     """backbone (torchvision, random init)"""
     small_stem: bool = False
     """3x3 stride-1 conv1 and no max-pool: the usual stem for 32 px images (CIFAR)"""
     bn_splits: int = 1
-    """S > 1: training-mode BN over S interleaved sub-batches per process, as on S GPUs, so ShuffleBN works on
-    one GPU (MoCo's CIFAR-10 demo; the CIFAR recipe uses 8). 1: plain BN"""
+    """S > 1: train-mode BN over S interleaved sub-batches, as on S GPUs (ShuffleBN on one GPU; CIFAR: 8). 1: plain"""
     mlp_dim: int = 2048
     """hidden width of the projection head (feat -> mlp_dim -> ReLU -> dim; biases, no BN, as upstream)"""
     dim: int = 128
     """embedding dimension C of q, k and the bank columns"""
-
-    # --- optimisation (network) -------------------------------------------------------------------
     epochs: int = 200
     """training epochs E (800 for the long runs)"""
     batch_size: int = 256
@@ -112,8 +102,6 @@ class Args:
     """SGD momentum of the network"""
     weight_decay: float = 1e-4
     """SGD weight decay (all query-encoder parameters, as upstream)"""
-
-    # --- AdCo: network side -----------------------------------------------------------------------
     moco_m: float = 0.999
     """m: key-encoder momentum, θ_k <- m θ_k + (1 - m) θ_q, once per step, constant"""
     moco_t: float = 0.12
@@ -122,8 +110,6 @@ class Args:
     """symmetric loss ½ CE(q1, k2) + ½ CE(q2, k1) and ½-weighted bank gradient (README: 70.6 %)"""
     multi_crop: bool = False
     """1 key crop + 5 query crops (224/192/160/128/96 px); loss and bank gradient SUMMED over crops (73.2 %)"""
-
-    # --- AdCo: the adversarial bank ---------------------------------------------------------------
     bank_size: int = 65536
     """K: number of adversarial negatives (bank columns); a multiple of --batch-size when --bank-init is on"""
     mem_t: float = 0.02
@@ -135,10 +121,7 @@ class Args:
     mem_wd: float = 1e-4
     """λ: weight decay on the un-normalised bank W (shrinks column norms; the ascent grows them)"""
     bank_init: bool = True
-    """fill the bank with key embeddings by K/B MoCo-style training steps before epoch 0 (upstream ad_init);
-    --no-bank-init keeps the seeded randn bank (columns of norm about sqrt(C), not 1)"""
-
-    # --- systems ----------------------------------------------------------------------------------
+    """fill the bank with keys by K/B MoCo-style steps before epoch 0 (upstream ad_init); off: randn, norms ~sqrt(C)"""
     amp: bool = True
     """mixed precision on GPU: bf16 autocast (fp16 + GradScaler on GPUs without bf16); ignored on CPU"""
     channels_last: bool = True
@@ -150,9 +133,9 @@ class Args:
     ckpt_every_steps: int = 0
     """also checkpoint every this many global steps (0: only at the end of each epoch)"""
     stop_at_step: Optional[int] = None
-    """checkpoint and exit once the global step reaches this value (split a long run into jobs; resume with --resume auto)"""
+    """checkpoint and exit at this global step (split a long run into jobs; resume with --resume auto)"""
     knn_every: int = 0
-    """kNN monitor (k-NN top-1 on the val split, backbone features) every this many epochs; 0 = off (upstream has none)"""
+    """kNN monitor (k-NN top-1 on the val split, backbone features) every this many epochs; 0: off (upstream: none)"""
     knn_k: int = 200
     """k of the kNN monitor"""
     knn_t: float = 0.1
@@ -165,53 +148,36 @@ class Args:
 MUST_MATCH = ("arch", "small_stem", "bn_splits", "mlp_dim", "dim", "dataset", "image_size", "blur", "batch_size", "lr",
               "lr_final", "momentum", "weight_decay", "moco_m", "moco_t", "sym", "multi_crop", "bank_size", "mem_t",
               "mem_lr", "mem_momentum", "mem_wd", "bank_init", "seed")
-
-# Multi-crop query crops: (size at --image-size 224, RRC scale range) = MoCo v2's (0.2, 1.0) x size / 224
-# (MultiCrop_Transform.py: 224 (0.2-1), 192 (0.172-0.86), 160 (0.143-0.715), 128 (0.114-0.571), 96 (0.086-0.429)).
+# Multi-crop query crop sizes at --image-size 224; RRC scale (0.2, 1.0) x size / 224 (MultiCrop_Transform.py).
 QUERY_CROP_SIZES = (224, 192, 160, 128, 96)
-# A logging window whose mean bank_share (the τ_m-softmax mass on the bank) is below this triggers a warning:
-# the bank gradient is proportional to that mass, so the adversaries have effectively stopped training.
+# A log window's mean bank_share below this warns: the bank gradient is proportional to it (docs/adco.md).
 DEAD_BANK_SHARE = 1e-3
 
 
-# =====================================================================================================
-# METHOD: the math, as pure functions (imported by tests/). Embeddings are unit rows, fp32 or fp64.
-# =====================================================================================================
+# ==== METHOD: the math, as pure functions (imported by tests/). Embeddings are unit rows, fp32 or fp64. ====
 def own_key_labels(batch_per_rank: int, rank: int, device) -> torch.Tensor:
-    """Label of query i on global rank r: the column of its own key in k_all, r*N + i.
-
-    k_all = concat_all_gather(k) stacks the ranks' keys in GLOBAL rank order, so rank r's keys occupy rows
-    r*N .. r*N + N-1. Upstream uses the local GPU index instead of r, which points at another node's keys
-    on every node but the first (spec section 4).
-    """
+    """[N]: query i of GLOBAL rank r owns row r*N + i of k_all (concat_all_gather stacks keys in rank order).
+    Upstream uses the local GPU index, which points at another node's keys on every node but the first (spec 4)."""
     return torch.arange(rank * batch_per_rank, (rank + 1) * batch_per_rank, device=device)
 
 
 def similarities(q: torch.Tensor, k_all: torch.Tensor, bank_unit: torch.Tensor) -> torch.Tensor:
-    """The un-scaled logits of AdCo: [q_i . k_b | q_i . n_k]  ->  [N, B + K].
-
-    q: [N, C] queries; k_all: [B, C] all gathered keys (own key = positive, the rest in-batch negatives);
-    bank_unit: [C, K] normalised bank columns n_k. Divide by τ for the network loss, by τ_m for the bank.
-    """
+    """Un-scaled logits [q_i.k_b | q_i.n_k], [N, B + K]. q: [N, C]; k_all: [B, C] (own key = positive, the rest
+    in-batch negatives); bank_unit: [C, K], columns n_k. Divided by τ for the network loss, by τ_m for the bank."""
     return torch.cat([q @ k_all.T, q @ bank_unit], dim=1)  # [N, B] | [N, K]
 
 
 def bank_grad(q: torch.Tensor, k_all: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor,
               mem_t: float) -> torch.Tensor:
     """G = -∂L/∂W, [C, K], for ONE loss term; W <- W - η G then ASCENDS L: the negatives get harder.
-
-        L = mean_i CE(z_i, y_i),   z_i = [q_i . k_allᵀ | q_i . n] / τ_m,   n_k = W_k / ||W_k||
-    q: [N, C] this rank's pre-step queries, k_all: [B, C] gathered keys (unit rows); W: [C, K]; y: [N], the
-    own key's column (y_i < B). No gradient in or out; fp32 (fp64 stays fp64). It is this rank's mean; the
-    caller averages over ranks, which gives the gradient of the global-batch mean (same N on every rank).
-    Derivation (docs/adco.md has it in full), with l_ik = q_i . n_k and p = softmax(z) over ALL B + K logits:
-      1. ∂L/∂l_ik = (p_i,B+k - 0) / (N τ_m): y_i is a key column, so the one-hot vanishes on the bank block.
-      2. ∂L/∂n_k = Σ_i ∂L/∂l_ik q_i =: a_k.
-      3. ∂n_k/∂W_k = (I - n_k n_kᵀ) / ||W_k||, so ∂L/∂W_k = (a_k - (n_k . a_k) n_k) / ||W_k||: the tangent
-         term removes the radial part (moving W_k along itself does not change n_k). The paper's Eq. 5 is
-         step 2 only; the official closed form is this full gradient, i.e. SGD on -L with autograd
-         (tests/test_adco.py checks it against autograd).
-    """
+    L = mean_i CE(z_i, y_i), z_i = [q_i.k_allᵀ | q_i.n] / τ_m. q: [N, C] this rank's pre-step queries; k_all: [B, C]
+    gathered keys; W: [C, K]; y: [N] own-key columns (< B). No gradient in or out; fp32 (fp64 stays fp64). A rank's
+    mean: the caller's mean over ranks is the global-batch gradient (same N on every rank).
+    Derivation (in full: docs/adco.md), l_ik = q_i.n_k, p = softmax(z) over ALL B + K logits:
+      1. ∂L/∂l_ik = p_i,B+k / (N τ_m): y_i is a key column, so the one-hot vanishes on the bank block.
+      2. a_k := ∂L/∂n_k = Σ_i ∂L/∂l_ik q_i.
+      3. ∂n_k/∂W_k = (I - n_k n_kᵀ) / ||W_k||, so ∂L/∂W_k = (a_k - (n_k.a_k) n_k) / ||W_k|| (radial part removed).
+    Eq. 5 is step 2 only; upstream's closed form is this full gradient = autograd (tests/test_adco.py checks)."""
     dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 at least (fp64 stays fp64, for tests)
     q, k_all, bank = q.detach().to(dtype), k_all.detach().to(dtype), bank.detach().to(dtype)
     num_queries, num_keys = q.shape[0], k_all.shape[0]
@@ -237,15 +203,13 @@ class AdcoStep(NamedTuple):
 
 def adco_loss_and_bank_grad(terms: list, bank: torch.Tensor, labels: torch.Tensor, moco_t: float,
                             mem_t: float) -> AdcoStep:
-    """One AdCo step's math, from the bank BEFORE its step. terms: [(q, k_all, weight)] (crop_plan), q: [N, C]
-    unit queries with gradient, k_all: [B, C] gathered unit keys; bank W: [C, K]; labels: [N] (own_key_labels).
-    bank_share is the bank's pulse: bank_grad is proportional to the bank block of the τ_m-softmax, so when
-    it nears 0 the adversaries stop moving and the loss is in-batch InfoNCE alone (main() warns once).
-    The network sees the bank detached and normalised; W itself stays un-normalised."""
+    """One step's math, from the bank BEFORE its step. terms: [(q [N, C] with gradient, k_all [B, C], weight)]
+    (crop_plan); bank W: [C, K], seen by the network detached and normalised (W stays un-normalised); labels: [N].
+    bank_share is the bank's pulse: bank_grad is proportional to it, so near 0 the adversaries stop moving and the
+    loss is in-batch InfoNCE alone (main() warns once)."""
     dtype = torch.promote_types(bank.dtype, torch.float32)  # fp32 at least (fp64 stays fp64, for tests)
     bank_unit = F.normalize(bank.detach().to(dtype), dim=0)  # [C, K]: n_k, no gradient into the bank
-    loss = torch.zeros((), dtype=dtype, device=bank.device)
-    grad = torch.zeros_like(bank, dtype=dtype)
+    loss, grad = torch.zeros((), dtype=dtype, device=bank.device), torch.zeros_like(bank, dtype=dtype)
     pos_prob, acc, bank_share = [], [], []
     num_keys = terms[0][1].shape[0]
     for q, k_all, weight in terms:
@@ -257,27 +221,21 @@ def adco_loss_and_bank_grad(terms: list, bank: torch.Tensor, labels: torch.Tenso
             pos_prob.append(probs.gather(1, labels[:, None]).mean())
             bank_share.append(probs[:, num_keys:].sum(dim=1).mean())
             acc.append((sims.detach().argmax(dim=1) == labels).to(dtype).mean())
-    return AdcoStep(loss, grad, torch.stack(pos_prob).mean(), torch.stack(acc).mean(),
-                    torch.stack(bank_share).mean())
+    return AdcoStep(loss, grad, *(torch.stack(values).mean() for values in (pos_prob, acc, bank_share)))
 
 
 @torch.no_grad()
 def bank_momentum_step(bank: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, lr: float,
                        momentum: float, weight_decay: float) -> None:
-    """Momentum SGD with weight decay on the bank, in place (train.py L65-66; = torch.optim.SGD(momentum=μ,
-    weight_decay=λ, dampening=0, nesterov=False) fed grad = G):
-        v <- μ v + (G + λ W)      (v starts at zero, so the first step is v = G + λ W, as torch's SGD)
-        W <- W - η v
-    grad G = -∂L/∂W already averaged over ranks, so W and v stay identical on every rank.
-    """
+    """In place; = torch.optim.SGD(momentum=μ, weight_decay=λ, dampening=0, nesterov=False) fed G, v_0 = 0 (train.py
+    L65-66). G = -∂L/∂W is already averaged over ranks, so W and v stay identical on every rank."""
     velocity.mul_(momentum).add_(torch.add(grad, bank, alpha=weight_decay))  # v <- μ v + G + λ W
     bank.add_(velocity, alpha=-lr)  # W <- W - η v
 
 
 @torch.no_grad()
 def fill_bank(bank: torch.Tensor, filled: int, k_all: torch.Tensor) -> int:
-    """Bank initialisation: W[:, filled : filled+B] <- k_allᵀ (B unit key embeddings, global rank order, the
-    same on every rank). Returns the new number of filled columns. K % B == 0 is checked at start-up."""
+    """Bank init: W[:, filled : filled+B] <- k_allᵀ (B unit keys, rank order, same on all ranks); returns filled+B."""
     batch, size = k_all.shape[0], bank.shape[1]
     if filled + batch > size:
         raise ValueError(f"bank of size {size} with {filled} filled columns cannot take {batch} keys (K % B != 0)")
@@ -286,9 +244,8 @@ def fill_bank(bank: torch.Tensor, filled: int, k_all: torch.Tensor) -> int:
 
 
 def init_logits(q: torch.Tensor, k: torch.Tensor, bank: torch.Tensor, moco_t: float):
-    """Bank initialisation's MoCo-style InfoNCE (train.py L270-280): logits [N, 1+K] = [q_i.k_i | q_i.n_k] / τ,
-    labels 0: only the OWN key is a positive candidate (no in-batch keys), the partly random bank supplies
-    the negatives. q, k: [N, C] unit rows; bank: [C, K] un-normalised."""
+    """Bank initialisation's MoCo InfoNCE (train.py L270-280): logits [N, 1+K] = [q_i.k_i | q_i.n_k] / τ, labels 0
+    (the OWN key the only positive, no in-batch keys; the partly random bank: negatives). q, k: [N, C]; bank: [C, K]."""
     l_pos = (q * k).sum(dim=1, keepdim=True)  # [N, 1]: q_i . k_i
     l_neg = q @ F.normalize(bank.float(), dim=0)  # [N, K]: q_i . n_k
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
@@ -296,19 +253,13 @@ def init_logits(q: torch.Tensor, k: torch.Tensor, bank: torch.Tensor, moco_t: fl
 
 
 def cosine_lr(epoch: int, peak: float, final: float, epochs: int) -> float:
-    """Per-epoch cosine, no warm-up (train_utils.py adjust_learning_rate, cos=1):
-    lr_e = final + ½(1 + cos(π e / E))(peak - final): peak at e = 0, reaching final at e = E."""
+    """Per-epoch cosine, peak at e = 0, final at e = E, no warm-up (train_utils.py adjust_learning_rate, cos=1)."""
     return final + 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (peak - final)
 
 
 def crop_plan(sym: bool, multi_crop: bool) -> list[tuple[int, int, float]]:
-    """The loss terms as (query crop, key crop, weight), crops indexed as the data pipeline returns them.
-
-    single (2 views):      [(0, 1, 1)]                           q from view 0, keys from view 1
-    --sym (2 views):       [(0, 1, ½), (1, 0, ½)]                each view is query and key (train.py L74-147)
-    --multi-crop (6 crops): [(c, 0, 1) for c = 1..5]             crop 0 is the key crop; 5 query crops,
-                                                                  SUMMED (train.py L149-201)
-    """
+    """Loss terms (query crop, key crop, weight), crops indexed as the data pipeline returns them. --sym: each view is
+    query and key (train.py L74-147); --multi-crop: crop 0 is the key, 5 query crops SUMMED (train.py L149-201)."""
     if multi_crop:
         return [(c, 0, 1.0) for c in range(1, 1 + len(QUERY_CROP_SIZES))]
     if sym:
@@ -318,14 +269,12 @@ def crop_plan(sym: bool, multi_crop: bool) -> list[tuple[int, int, float]]:
 
 @torch.no_grad()
 def momentum_update(encoder_q: nn.Module, encoder_k: nn.Module, m: float) -> None:
-    """θ_k <- m θ_k + (1 - m) θ_q for every parameter (not BN buffers: f_k's BN statistics are its own).
-    lerp is exact at both ends: m = 0 copies θ_q (used after bank initialisation)."""
+    """θ_k <- m θ_k + (1 - m) θ_q, parameters only (f_k's BN statistics are its own); lerp: m = 0 copies θ_q exactly."""
     torch._foreach_lerp_(list(encoder_k.parameters()), list(encoder_q.parameters()), 1.0 - m)
 
 
 class Encoder(nn.Module):
-    """f(x) = head(backbone(x)): ResNet without fc, then Linear(feat, mlp_dim) -> ReLU -> Linear(mlp_dim, dim).
-    AdCo's head (model/AdCo.py L27-31) is MoCo v2's: 2 layers with biases, no BatchNorm."""
+    """f(x) = head(ResNet without fc (x)); AdCo's head (model/AdCo.py L27-31) is MoCo v2's: biases, no BatchNorm."""
 
     def __init__(self, arch: str, small_stem: bool, mlp_dim: int, dim: int):
         super().__init__()
@@ -337,19 +286,15 @@ class Encoder(nn.Module):
 
 
 def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
-    """MoCo v2 "aug+" for every crop (main_worker.py L152-165, MultiCrop_Transform.py). Returns the dataset
-    transform: 2 identical-pipeline views, or [key crop, 5 query crops] with --multi-crop.
-    blur=False drops the Gaussian blur (32 px CIFAR recipe: σ up to 2 px wipes out most of a 32 px crop)."""
-
+    """MoCo v2 "aug+" for every crop (main_worker.py L152-165, MultiCrop_Transform.py): 2 views, or [key crop, 5
+    query crops] with --multi-crop. blur=False: no Gaussian blur (σ up to 2 px wipes out most of a 32 px CIFAR crop)."""
     def pipeline(size: int, scale: tuple[float, float]) -> T.Compose:
         return T.Compose([
             T.RandomResizedCrop(size, scale=scale),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
             T.RandomGrayscale(p=0.2),
             *([T.RandomApply([GaussianBlur(0.1, 2.0)], p=0.5)] if blur else []),  # sigma ~ U[0.1, 2.0]
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ])
 
     if not multi_crop:
@@ -360,12 +305,10 @@ def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
     return MultiCrop([key_crop] + query_crops)
 
 
-# =====================================================================================================
-# main
-# =====================================================================================================
+# ==== main =========================================================================================================
 def main(args: Args) -> dict:
     """Trains and returns the final state {"encoder_q", "encoder_k", "bank", "bank_velocity"} (for tests)."""
-    # ---- 1. setup: processes, sizes, seeds; every check before any file is touched -------------------------
+    # ---- 1. setup: processes, sizes, seeds; every check before any file is touched
     run = setup_run(args)
     check_bn_splits(args.bn_splits, run.batch_per_rank)
     if args.sym and args.multi_crop:
@@ -374,29 +317,24 @@ def main(args: Args) -> dict:
     if args.bank_size <= 0 or min(args.moco_t, args.mem_t) <= 0 or args.mem_lr < 0:
         raise UserError("--bank-size must be positive, --moco-t and --mem-t > 0, --mem-lr >= 0")
     if args.bank_init and args.bank_size % args.batch_size:
-        raise UserError(f"--bank-size {args.bank_size} must be a multiple of the global --batch-size "
-                        f"{args.batch_size} (bank initialisation fills it with one global batch of keys per step; "
-                        f"or pass --no-bank-init)")
+        raise UserError(f"--bank-size {args.bank_size} must be a multiple of the global --batch-size {args.batch_size} "
+                        "(bank initialisation fills it with one global batch of keys per step; or pass --no-bank-init)")
     device = run.device
     lr_peak = args.lr * args.batch_size / 256  # linear scaling rule: lr per 256 images
     lr_final = args.lr_final * args.batch_size / 256  # the final value scales the same way
-
-    # ---- 2. run folder, checkpoint to resume ------------------------------------------------------------
+    # ---- 2. run folder, checkpoint to resume
     if not open_run_folder(run, args, MUST_MATCH):
         return {}
-
-    # ---- 3. data: 2 views, or 1 key crop + 5 query crops ---------------------------------------------------
-    train_set = make_dataset(args.dataset, args.data, "train",
-                             augmentations(args.image_size, args.multi_crop, args.blur),
-                             args.synthetic_images, args.image_size, args.seed)
+    # ---- 3. data: 2 views, or 1 key crop + 5 query crops
+    train_set = make_dataset(args.dataset, args.data, "train", augmentations(args.image_size, args.multi_crop,
+                             args.blur), args.synthetic_images, args.image_size, args.seed)
     loader = make_loader(train_set, run.batch_per_rank, run.rank, run.world, args.workers, args.seed)
     steps_per_epoch = len(loader.sampler) // run.batch_per_rank
     plan = crop_plan(args.sym, args.multi_crop)  # [(query crop, key crop, weight)]
     query_crops = sorted({i for i, _, _ in plan})  # through f_q, with gradient
     key_crops = sorted({j for _, j, _ in plan})  # through f_k with ShuffleBN, no gradient
     knn_sets = make_knn_sets(args, run.console)
-
-    # ---- 4. model, bank, optimizer ----------------------------------------------------------------------
+    # ---- 4. model, bank, optimizer
     encoder_q = Encoder(args.arch, args.small_stem, args.mlp_dim, args.dim).to(device)
     if args.bn_splits > 1:
         use_split_bn(encoder_q.backbone, args.bn_splits)  # before the copy: f_k gets split BN too
@@ -425,26 +363,23 @@ def main(args: Args) -> dict:
             k = encoder_k(x)
         return batch_unshuffle(F.normalize(k.float(), dim=1), idx_unshuffle)
 
-    # ---- 5. restore, or (fresh run) initialise the bank ------------------------------------------------
+    # ---- 5. restore, or (fresh run) initialise the bank
     start_epoch, start_batch, step = restore_training(run, encoder_q, encoder_k, optimizer, scaler)
     if run.ckpt is not None:  # W and v continue exactly where they were; initialisation is never redone
         bank.copy_(run.ckpt["bank"])
         bank_velocity.copy_(run.ckpt["bank_velocity"])
     model = wrap_model(encoder_q, run, args.compile)
     metrics = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), run.rank, step if run.ckpt else None)
-    announce(run, args, {
-        "lr used (lr x B/256)": lr_peak, "final lr": lr_final, "amp dtype": amp_dtype or "fp32",
-        "steps per epoch": steps_per_epoch, "loss terms (query crop, key crop, weight)": plan,
-        "bank initialisation": "restored from checkpoint" if run.ckpt else
-                               f"{args.bank_size // args.batch_size} steps" if args.bank_init else "off (randn)"})
+    announce(run, args, {"lr used (lr x B/256)": lr_peak, "final lr": lr_final, "amp dtype": amp_dtype or "fp32",
+                         "steps per epoch": steps_per_epoch, "loss terms (query crop, key crop, weight)": plan,
+                         "bank initialisation": "restored from checkpoint" if run.ckpt else
+                         f"{args.bank_size // args.batch_size} steps" if args.bank_init else "off (randn)"})
     if run.world == 1 and args.bn_splits == 1:
         run.console.print("one process with --bn-splits 1: ShuffleBN cannot hide the key batch from BN (one BN "
                           "batch for all keys); on one GPU use --bn-splits 8 (as on 8 GPUs)")
-
     if run.ckpt is None and args.bank_init:
-        # METHOD: bank initialisation. K/B MoCo-style steps (own key the only positive, label 0, temperature τ,
-        # epoch-0 lr): the network really trains and SGD's momentum carries into epoch 0. Each step writes
-        # the global batch of keys into the next B columns, W[:, f : f+B] <- k_allᵀ. Then θ_k <- θ_q.
+        # METHOD: bank initialisation: K/B MoCo-style steps (init_logits at τ, epoch-0 lr; the network really trains
+        # and SGD's momentum carries into epoch 0), each writing k_all into the next B columns; then θ_k <- θ_q.
         encoder_q.train()
         encoder_k.train()
         init_q, init_k = (1, 0) if args.multi_crop else (0, 1)  # multi-crop: the 224 query vs the 224 key crop
@@ -481,7 +416,7 @@ def main(args: Args) -> dict:
                 "bank": bank.cpu(), "bank_velocity": bank_velocity.cpu(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "rng": all_rng_states(device)}
 
-    # ---- 6. train loop: the network step, then the bank step ----------------------------------------------
+    # ---- 6. train loop: the network step, then the bank step
     tail = StepTail(args, run, steps_per_epoch, metrics, checkpoint_state, knn_sets, encoder_q.backbone, autocast,
                     log_values=lambda: {"bank_norm": bank.norm(dim=0).mean().item()})  # mean |W_k|
     encoder_q.train()
@@ -498,15 +433,13 @@ def main(args: Args) -> dict:
                 group["lr"] = lr
             for batch_idx, (views, _) in enumerate(loader, start=first_batch):
                 crops = [to_device(v) for v in views]  # 2 views, or [key crop, 5 query crops]
-
                 # METHOD: one AdCo step. Queries with gradient, one forward per crop (BN per crop, as upstream).
                 queries = {}
                 for c in query_crops:
                     with autocast():
                         out = model(crops[c])
                     queries[c] = F.normalize(out.float(), dim=1)  # [N, C], fp32
-                # keys, no gradient: EMA first (θ_q after the previous step), ShuffleBN forward per key crop,
-                # then k_all [B, C] in global rank order (own keys at rows r*N .. r*N+N-1)
+                # keys, no gradient: EMA first (θ_q after the previous step), then ShuffleBN forward + gather per crop
                 with torch.no_grad():
                     momentum_update(encoder_q, encoder_k, args.moco_m)
                     keys_all = {c: concat_all_gather(embed_keys(crops[c])) for c in key_crops}
@@ -516,11 +449,9 @@ def main(args: Args) -> dict:
                 scaler.scale(out.loss).backward()  # DDP averages the network gradient over ranks
                 scaler.step(optimizer)
                 scaler.update()
-                # the adversarial bank step: G averaged over ranks (ONE all-reduce of [C, K]), then
-                # v <- μ v + G + λ W, W <- W - η v: descending along G = -∂L/∂W ascends L_τm
+                # the adversarial bank step: G averaged over ranks (ONE all-reduce of [C, K]), W ascends L_τm
                 bank_momentum_step(bank, bank_velocity, all_reduce_mean(out.grad), args.mem_lr, args.mem_momentum,
                                    args.mem_wd)
-
                 step += 1
                 progress.advance(task)
                 stats = {"loss": out.loss, "pos_prob": out.pos_prob, "acc": 100 * out.acc, "bank_share": out.bank_share}
@@ -535,16 +466,12 @@ def main(args: Args) -> dict:
                     break
             if tail.stopped:
                 break
-
-    # ---- 7. teardown (the process group is destroyed by cli()) ----------------------------------------------
+    # ---- 7. teardown (the process group is destroyed by cli())
     tail.finish(step)
     return {"encoder_q": encoder_q, "encoder_k": encoder_k, "bank": bank, "bank_velocity": bank_velocity}
 
 
-# =====================================================================================================
-# APPENDIX: the plumbing. Fenced blocks are byte-identical in every script that carries them
-# (tests/test_shared_blocks.py finds them); fix one, then: python tests/test_shared_blocks.py --sync FILE.py
-# =====================================================================================================
+# ==== APPENDIX: fenced plumbing, byte-identical in every script (fix one: tests/test_shared_blocks.py --sync FILE.py)
 # >>> shared: distributed
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` is one

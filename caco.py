@@ -2,24 +2,18 @@
 
 Paper    "CaCo: Both Positive and Negative Samples are Directly Learnable via Cooperative-adversarial
          Contrastive Learning", Wang, Huang, Zeng, Qi, IEEE TPAMI, arXiv 2203.14370
-Defaults = the official code, maple-research-lab/CaCo @ a72b345 (training code of 083aa03), and its README
-command: 200 epochs, global batch 1024, 71.3 % linear top-1.
+Defaults = official code, maple-research-lab/CaCo @ a72b345 (training 083aa03), README: 200 ep, B 1024, 71.3 % linear
 
-What this file implements (q: query, t: momentum key, unit rows; W: the bank [C, K], raw columns W_k,
-n_k = W_k / ||W_k||; equations in the functions)
-    f_q, f_k   ResNet + 3-layer MLP head (2048-2048-256, no biases, BN+ReLU after the first two layers);
-               f_k the EMA of f_q, its momentum m_e raised 0.99 -> 1 by a cosine     momentum_update, key_momentum
-    positive   the bank column nearest to the OTHER view's key; no per-sample memory         positive_labels
-    loss       CE of bank-only logits q.n/τ (τ = 0.08) against that positive, over the (query crop,
-               key crop) pairs: CE1 + CE2 for two views (upstream's scale)   caco_loss_and_bank_grad, crop_pairs
-    bank step  minimise the loss over each query's positive column (cooperative), maximise it over every
-               other column (adversarial): G = -∂F/∂W (F and its derivation: bank_grad), averaged over
-               ranks, then momentum SGD, η 3.0, μ_m 0.9, no weight decay                 bank_momentum_step
-    bank init  ceil(K/B) MoCo-style steps, [q.t | q.n] / 0.2 with label 0, whose keys fill W     init_logits
-    optimiser  LARS (trust 0.001, wd 1.5e-6 on ndim > 1), lr 0.3 per 256, 10 warm-up epochs, cosine to lr/100;
-               the bank lr η_e warms up over the same epochs                          LARS, warmup_cosine
-    views      asymmetric BYOL-style (blur 1.0 / 0.1, solarize 0 / 0.2); --multi-crop: 2 big + 6 small crops,
-               MoCo v2 augmentation                                                             augmentations
+Equation -> function (q: query, t: momentum key, unit rows; W: the bank [C, K], raw columns W_k, n_k = W_k/||W_k||)
+    f_q, f_k   ResNet + 3-layer MLP head; f_k = EMA of f_q, momentum 0.99 -> 1 (cosine)  momentum_update, key_momentum
+    positive   the bank column nearest to the OTHER view's key; no per-sample memory              positive_labels
+    loss       CE of bank-only logits q.n/τ (τ 0.08) vs that positive, CE1 + CE2   caco_loss_and_bank_grad, crop_pairs
+    bank step  G = -∂F/∂W (F: bank_grad) descends the loss on each query's positive column (cooperative) and
+               ascends it on every other (adversarial); all-reduced; momentum SGD η 3.0, μ_m 0.9  bank_momentum_step
+    bank init  ceil(K/B) MoCo-style steps, [q.t | q.n] / 0.2 with label 0, whose keys fill W          init_logits
+    optimiser  LARS (trust 0.001, wd 1.5e-6 on ndim > 1), lr 0.3 per 256, 10 warm-up epochs (also of the bank
+               lr η_e), cosine to lr/100                                                    LARS, warmup_cosine
+    views      asymmetric BYOL-style (blur 1 / 0.1, solarize 0 / 0.2); --multi-crop: 2 + 6 MoCo v2 crops  augmentations
 
 The bank W, start to finish (grep METHOD for the method's own lines in main())
     created   main(): randn [C, K], fp32, from --seed (identical on every rank), outside DDP; velocity v = 0
@@ -28,16 +22,9 @@ The bank W, start to finish (grep METHOD for the method's own lines in main())
     updated   bank_momentum_step(): after the network step, with the all-reduced G of the same q
     saved     checkpoint_state(): "bank" and "bank_velocity" in every last.pt; restored before the first step
 
-Run it
-    torchrun --nproc_per_node=8 caco.py --data /path/to/imagenet --out-dir runs/caco       # 8 GPUs, 200 ep
-    python caco.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
-        --batch-size 16 --bank-size 64 --workers 0 --epochs 2 --out-dir runs/smoke             # CPU, seconds
-    800-epoch recipe: --batch-size 2048 --epochs 800 --multi-crop.  Continue an interrupted run: --resume auto.
-
-docs/caco.md: every command, defaults vs paper, logged metrics, the derivation of the bank gradient, all
-deviations from the official code. Layout of this file: Args -> method math -> model and augmentations ->
-main() -> appendix: the fenced plumbing blocks (byte-identical in every script, checked by
-tests/test_shared_blocks.py).
+Run: torchrun --nproc_per_node=8 caco.py --data /path/to/imagenet (8 GPUs); --resume auto continues a run. docs/caco.md:
+CPU smoke run, 800-epoch recipe, defaults vs paper, metrics, bank-gradient derivation, deviations. Layout: Args ->
+math -> model, augmentations -> main() -> appendix: fenced plumbing, byte-identical in every script (test_shared_blocks)
 """
 
 import copy
@@ -67,23 +54,17 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, MultiCrop, Solari
 
 METHOD = "caco"  # written into every checkpoint; --resume refuses checkpoints of other methods
 
-
 @dataclass
 class Args:
     """CaCo pre-training. Defaults = the official README recipe: 200 epochs, global batch 1024 (71.3 %)."""
-
-    # --- experiment -------------------------------------------------------------------------------
     out_dir: str = "runs/caco"
     """folder for last.pt, metrics.jsonl and args.json; refused if it already holds a run and --resume is not given"""
     resume: Optional[str] = None
     """'auto': continue from <out-dir>/last.pt when it exists (else start fresh); or the path of a checkpoint"""
     seed: int = 0
     """seed for weights, bank and data order (augmentations use seed + rank)"""
-
-    # --- data -------------------------------------------------------------------------------------
     dataset: Literal["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"] = "imagefolder"
-    """imagefolder: --data holds train/ and val/ (or test/) class folders (ImageNet layout); cifar10, cifar100,
-    stl10: torchvision's files under --data (downloaded there if missing and the network allows); synthetic: fake images"""
+    """imagefolder: train/ and val/ (or test/) class folders in --data; cifar*, stl10: torchvision's files; synthetic"""
     data: Optional[str] = None
     """root folder of the dataset (--dataset imagefolder, cifar10, cifar100, stl10)"""
     synthetic_images: int = 256
@@ -96,8 +77,6 @@ class Args:
     """DataLoader worker processes per GPU process"""
     multi_crop: bool = False
     """2 big + 6 small crops, MoCo v2 augmentation, loss over all (query, key) pairs (the 800-epoch 75.7 % recipe)"""
-
-    # --- model ------------------------------------------------------------------------------------
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
     """backbone (torchvision, random init)"""
     small_stem: bool = False
@@ -106,8 +85,6 @@ class Args:
     """hidden width of the 3-layer projection head (feat -> mlp_dim -> mlp_dim -> dim, BN after the first two)"""
     dim: int = 256
     """embedding dimension C of q, t and the bank columns"""
-
-    # --- optimisation (LARS) ----------------------------------------------------------------------
     epochs: int = 200
     """training epochs E (800 for the long runs)"""
     batch_size: int = 1024
@@ -124,8 +101,6 @@ class Args:
     """LARS weight decay, on parameters with more than one dimension only (not BN, as upstream)"""
     lars_trust: float = 0.001
     """LARS trust coefficient η: a layer's update is scaled to η ||w|| / ||g + wd w|| of its gradient"""
-
-    # --- CaCo -------------------------------------------------------------------------------------
     moco_m: float = 0.99
     """m: key-encoder momentum at epoch 0"""
     moco_m_cos: bool = True
@@ -148,8 +123,6 @@ class Args:
     """temperature of the bank-initialisation InfoNCE [q.t | q.n] / init_t (upstream hard-codes 0.2)"""
     init_lr: Optional[float] = None
     """lr per 256 images of the bank-initialisation steps; None = the peak lr, without warm-up, as upstream"""
-
-    # --- systems ----------------------------------------------------------------------------------
     amp: bool = True
     """mixed precision on GPU: bf16 autocast (fp16 + GradScaler on GPUs without bf16); ignored on CPU"""
     channels_last: bool = True
@@ -161,7 +134,7 @@ class Args:
     ckpt_every_steps: int = 0
     """also checkpoint every this many global steps (0: only at the end of each epoch)"""
     stop_at_step: Optional[int] = None
-    """checkpoint and exit once the global step reaches this value (split a long run into jobs; resume with --resume auto)"""
+    """checkpoint and exit at this global step (split a long run into jobs; resume with --resume auto)"""
     knn_every: int = 10
     """kNN monitor (k-NN top-1 on the val split, backbone features) every this many epochs; 0 = off"""
     knn_k: int = 20
@@ -171,35 +144,20 @@ class Args:
     knn_train_fraction: float = 0.2
     """fraction of the train split used as kNN memory (every 1/f-th image; upstream 20 %)"""
 
-
-# Arguments that must equal the checkpoint's when resuming (the rest, e.g. --epochs or --workers, may change).
 MUST_MATCH = ("arch", "small_stem", "mlp_dim", "dim", "dataset", "image_size", "blur", "multi_crop", "batch_size",
               "lr", "lr_final", "warmup_epochs", "momentum", "weight_decay", "lars_trust", "moco_m", "moco_m_cos",
               "moco_t", "mem_t", "bank_size", "mem_lr", "mem_lr_final", "mem_momentum", "bank_init", "init_t",
-              "init_lr", "seed")
+              "init_lr", "seed")  # must equal the checkpoint's on --resume; the rest (e.g. --epochs) may change
 
-
-
-# =====================================================================================================
-# METHOD: the math, as pure functions (imported by tests/). Embeddings are unit rows, fp32 or fp64.
-# =====================================================================================================
+# ==== METHOD: the math, as pure functions (imported by tests/). Embeddings are unit rows, fp32 or fp64. ====
 def bank_grad(q: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, mem_t: float) -> torch.Tensor:
-    """CaCo's bank step direction for one (query crop, key crop) pair: the G with which plain SGD, W -= η G,
-    is CaCo's update (official: train_caco.py L193-211). q: [N, C] unit rows (pre-step queries, no gradient
-    needed); bank W: [C, K] un-normalised; labels: [N] positive columns y_i.  Returns G = -∂F/∂W: [C, K] for
-
-        F = 1/(N τ_m) Σ_ik sg(p~_ik) l_ik,   l_ik = q_i . n_k,   p = softmax_k(l / τ_m),   p~ = |p - onehot(y)|
-
-    (p~_ik = p_ik on a negative, 1 - p_iy on the positive). ∂F/∂l_ik = p~_ik / (N τ_m), ∂l_ik/∂n_k = q_i and
-    ∂n_k/∂W_k = (I - n_k n_kᵀ) / ||W_k|| give
-
-        ∂F/∂W_k = 1/(τ_m ||W_k||) [ (1/N) Σ_i p~_ik q_i  -  ((1/N) Σ_i p~_ik l_ik) n_k ],
-
-    the p~-weighted mean query minus its component along n_k. W -= η G raises every logit l_ik: each column
-    moves toward its queries, the positive with weight 1 - p, a negative with weight p. As the CE at τ_m has
-    ∂L/∂l_ik = (p_ik - [k = y_i]) / (N τ_m), the step DESCENDS L on the positive (cooperative) and ASCENDS it
-    on every negative (adversarial): no single loss's gradient, F is its exact surrogate.
-    """
+    """Bank step direction G [C, K] for one (query crop, key crop) pair: W -= η G is CaCo's update. q: [N, C] unit
+    rows (pre-step queries, detached: G is no autograd gradient); bank W: [C, K] raw; labels: [N] positives y_i.
+    With l_ik = q_i . n_k, p = softmax_k(l / τ_m), p~ = |p - onehot(y)| and F = 1/(N τ_m) Σ_ik sg(p~_ik) l_ik,
+    G = -∂F/∂W; ∂l_ik/∂n_k = q_i and ∂n_k/∂W_k = (I - n_k n_kᵀ) / ||W_k|| give the tangent
+        ∂F/∂W_k = 1/(τ_m ||W_k||) [ (1/N) Σ_i p~_ik q_i - ((1/N) Σ_i p~_ik l_ik) n_k ].
+    As ∂CE/∂l_ik = (p_ik - [k = y_i]) / (N τ_m) at τ_m, W -= η G DESCENDS the CE on the positive (cooperative,
+    weight 1 - p) and ASCENDS it on every negative (adversarial, weight p): no single loss has this gradient."""
     dtype = torch.promote_types(torch.promote_types(q.dtype, bank.dtype), torch.float32)  # fp32 at least
     q, bank = q.detach().to(dtype), bank.detach().to(dtype)  # (fp64 stays fp64, for tests)
     norms = bank.norm(dim=0)  # [K]: ||W_k||
@@ -213,34 +171,26 @@ def bank_grad(q: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, mem_t: 
     grad_F = (weighted_q - radial * n) / (q.shape[0] * mem_t * norms)  # ∂F/∂W_k, tangent to W_k
     return -grad_F  # SGD descends along -(-∂F/∂W): the bank ascends F
 
-
 @torch.no_grad()
 def bank_momentum_step(bank: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, lr: float,
                        momentum: float) -> None:
-    """Momentum SGD on the bank, in place, = torch.optim.SGD(momentum=μ_m) without weight decay (official:
-    train_caco.py L209-212). v starts at zero, so the first step is v = G, as torch's SGD."""
+    """Momentum SGD on the bank, in place, = torch.optim.SGD(momentum=μ_m), no weight decay; v_0 = 0."""
     velocity.mul_(momentum).add_(grad)  # v <- μ_m v + G
     bank.add_(velocity, alpha=-lr)  # W <- W - η v
 
-
 @torch.no_grad()
 def positive_labels(keys: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """y_i = argmax_k t_i . n_k: the bank column nearest (cosine) to momentum key t_i (official train_caco.py L153-163).
-    keys: [N, C] unit rows; bank: [C, K] un-normalised -> [N] column indices. No gradient."""
+    """y_i = argmax_k t_i . n_k, the column nearest (cosine) to key t_i. keys: [N, C] unit rows; bank: [C, K] -> [N]."""
     return (keys.float() @ F.normalize(bank.float(), dim=0)).argmax(dim=1)
 
-
 def crop_pairs(num_big: int, num_small: int) -> list[tuple[int, int, float]]:
-    """The (query crop i, key crop j, weight w) terms of the loss and of the bank gradient; keys come from the
-    big crops, every crop is a query, i != j. Two views: (0, 1, 1) and (1, 0, 1), L = CE1 + CE2 (no ½).
-    Multi-crop: the 2 big pairs share weight 1, the 2 x 6 small pairs share weight 1, L = mean(big) +
-    mean(small) (official train_caco.py L78-82, L100-105)."""
+    """(query crop i, key crop j != i, weight w) terms of L and G; keys from the big crops. Two views: L = CE1 + CE2
+    (no ½); multi-crop: L = mean over the 2 big pairs + mean over the 2 x 6 (small query, big key) pairs."""
     big = [(i, j) for i in range(num_big) for j in range(num_big) if i != j]
     if num_small == 0:
         return [(i, j, 1.0) for i, j in big]
     small = [(i, j) for i in range(num_big, num_big + num_small) for j in range(num_big)]
     return [(i, j, 1.0 / len(big)) for i, j in big] + [(i, j, 1.0 / len(small)) for i, j in small]
-
 
 class CacoStep(NamedTuple):
     loss: torch.Tensor      # L (autograd to the queries)
@@ -248,21 +198,15 @@ class CacoStep(NamedTuple):
     pos_prob: torch.Tensor  # mean τ_m-softmax probability of the positive, over queries and pairs
     acc_pos: torch.Tensor   # % of queries whose top logit is their positive
 
-
 def caco_loss_and_bank_grad(queries: list, keys: list, bank: torch.Tensor, pairs: list, moco_t: float,
                             mem_t: float) -> CacoStep:
-    """One CaCo step's math, from the bank before its step. queries[i]: [N, C] unit rows (with gradient);
-    keys[j]: [N, C] momentum keys; bank: [C, K]; pairs from crop_pairs:
-
-        L = Σ_(i,j,w) w CE(q_i . n / τ, y_j),    y_j = argmax_k t_j . n_k   (the key of the OTHER crop)
-        G = Σ_(i,j,w) w bank_grad(q_i, W, y_j, τ_m)
-    """
+    """From the pre-step bank [C, K]; queries[i] (with gradient), keys[j]: [N, C] unit rows; pairs: crop_pairs.
+    L = Σ_(i,j,w) w CE(q_i . n / τ, y_j), y_j = argmax_k t_j . n_k;  G = Σ_(i,j,w) w bank_grad(q_i, W, y_j, τ_m)."""
     dtype = torch.promote_types(bank.dtype, torch.float32)  # fp32 at least (fp64 stays fp64, for tests)
     n = F.normalize(bank.detach().to(dtype), dim=0)  # [C, K]: the bank is normalised on the fly; W stays raw
     labels = [positive_labels(t, bank) for t in keys]  # [N] per key crop, no gradient
     logits = [q.to(dtype) @ n for q in queries]  # [N, K] per query crop: l = q . n (bank only, no keys)
-    loss = torch.zeros((), dtype=dtype, device=bank.device)
-    grad = torch.zeros_like(bank, dtype=dtype)
+    loss, grad = torch.zeros((), dtype=dtype, device=bank.device), torch.zeros_like(bank, dtype=dtype)  # G: [C, K]
     pos_prob, acc = [], []
     for i, j, w in pairs:
         loss = loss + w * F.cross_entropy(logits[i] / moco_t, labels[j])  # mean over this rank's N queries
@@ -272,43 +216,34 @@ def caco_loss_and_bank_grad(queries: list, keys: list, bank: torch.Tensor, pairs
             acc.append((logits[i].detach().argmax(dim=1) == labels[j]).float().mean())
     return CacoStep(loss, grad, torch.stack(pos_prob).mean(), 100 * torch.stack(acc).mean())
 
-
 def init_logits(q: torch.Tensor, k: torch.Tensor, bank: torch.Tensor, init_t: float):
-    """Bank initialisation's MoCo-style InfoNCE (official init_memory.py L40-60): logits [N, 1+K] = [q_i.k_i | q_i.n_k]
-    / init_t with labels 0 (the own key is the positive; the partly random bank supplies negatives)."""
+    """Bank-init InfoNCE: logits [N, 1+K] = [q_i.k_i | q_i.n_k] / init_t, label 0 (own key positive, bank negatives)."""
     l_pos = (q * k).sum(dim=1, keepdim=True)  # [N, 1]
     l_neg = q @ F.normalize(bank.float(), dim=0)  # [N, K]
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return torch.cat([l_pos, l_neg], dim=1) / init_t, labels
 
-
 def warmup_cosine(epoch: int, peak: float, final: float, warmup: int, epochs: int) -> float:
-    """Per-epoch schedule of the network lr and of the bank lr (official train_utils.py L83-93, train_caco.py L319-328):
-    peak (e+1)/W during the W warm-up epochs, then final + ½(1 + cos(π (e-W)/(E-W))) (peak - final).
-    With final == peak the value stays constant after warm-up (the bank lr of the README recipe)."""
+    """Per-epoch network lr and bank lr: peak (e+1)/W in the W warm-up epochs, then final + ½(1 + cos(π (e-W)/(E-W)))
+    (peak - final); final == peak: constant after warm-up (the bank lr of the README recipe)."""
     if epoch < warmup:
         return peak * (epoch + 1) / warmup
     return final + 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup))) * (peak - final)
 
-
 def key_momentum(epoch: int, base: float, epochs: int, cosine: bool) -> float:
-    """m_e = 1 - ½(1 + cos(π e/E))(1 - m): m at epoch 0, -> 1 at the end (official main_worker.py L269-272)."""
+    """m_e = 1 - ½(1 + cos(π e/E))(1 - m): m at epoch 0, -> 1 at the end."""
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - base) if cosine else base
-
 
 @torch.no_grad()
 def momentum_update(encoder_q: nn.Module, encoder_k: nn.Module, m: float) -> None:
-    """θ_k <- m θ_k + (1 - m) θ_q for every parameter (not BN buffers: f_k's BN statistics are its own).
-    lerp is exact at both ends: m = 1 keeps θ_k, m = 0 copies θ_q (the reset after bank initialisation)."""
+    """θ_k <- m θ_k + (1 - m) θ_q on parameters (BN buffers stay f_k's own); exact lerp: m = 0 copies θ_q."""
     torch._foreach_lerp_(list(encoder_k.parameters()), list(encoder_q.parameters()), 1.0 - m)
 
-
 class LARS(torch.optim.Optimizer):
-    """LARS as upstream CaCo / MoCo v3 (official model/optimizer.py). For a parameter w with gradient g:
+    """LARS as upstream CaCo / MoCo v3. For a parameter w with gradient g:
         if w.ndim > 1:  d = g + wd w,  d <- d * η ||w|| / ||d||   (trust ratio; 1 if either norm is 0)
         else:           d = g          (BN weights and biases: no weight decay, no trust ratio)
-        μ <- momentum μ + d  (μ starts at zero);   w <- w - lr μ
-    """
+        μ <- momentum μ + d  (μ starts at zero);   w <- w - lr μ"""
 
     def __init__(self, params, lr: float, weight_decay: float, momentum: float, trust: float):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
@@ -316,26 +251,21 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
+            for w in [p for p in group["params"] if p.grad is not None]:
                 d = w.grad
                 if w.ndim > 1:
                     d = d.add(w, alpha=group["weight_decay"])
                     w_norm, d_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(d)
-                    ratio = torch.where((w_norm > 0) & (d_norm > 0), group["trust"] * w_norm / d_norm,
-                                        torch.ones_like(w_norm))  # a tensor: no host sync
-                    d = d.mul(ratio)
+                    ok = (w_norm > 0) & (d_norm > 0)  # the trust ratio stays a tensor: no host sync
+                    d = d.mul(torch.where(ok, group["trust"] * w_norm / d_norm, torch.ones_like(w_norm)))
                 state = self.state[w]
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(w)
                 state["mu"].mul_(group["momentum"]).add_(d)
                 w.add_(state["mu"], alpha=-group["lr"])
 
-
 class Encoder(nn.Module):
-    """f(x) = head(backbone(x)). The head is CaCo's 3-layer MLP (official model/CaCo.py L35-51, last_bn=False):
-    Linear(feat, mlp, no bias) -> BN -> ReLU -> Linear(mlp, mlp, no bias) -> BN -> ReLU -> Linear(mlp, dim, no bias)."""
+    """head(backbone(x)); head: Linear -> BN -> ReLU -> Linear -> BN -> ReLU -> Linear, feat-mlp-mlp-dim, no biases."""
 
     def __init__(self, arch: str, small_stem: bool, mlp_dim: int, dim: int):
         super().__init__()
@@ -348,11 +278,9 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
-
 def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
-    """The crop transform: [view1, view2] (single crop) or 2 big + 6 small crops (multi-crop; small size =
-    image_size x 96/224, so 32 px smoke runs work). blur=False drops the Gaussian blur (32 px CIFAR recipe:
-    σ up to 2 px wipes out most of a 32 px crop)."""
+    """[view1, view2], or 2 big + 6 small crops (multi-crop; small = image_size x 96/224, so 32 px runs work).
+    blur=False drops the Gaussian blur (32 px CIFAR recipe: σ up to 2 px wipes out most of a 32 px crop)."""
     def pipeline(size, scale, jitter_hue_sat, blur_p, solarize_p):
         ops = [T.RandomResizedCrop(size, scale=scale),
                T.RandomApply([T.ColorJitter(0.4, 0.4, jitter_hue_sat, 0.1)], p=0.8),  # brightness, contrast, sat, hue
@@ -363,7 +291,7 @@ def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
             ops.append(T.RandomApply([Solarize(128)], p=solarize_p))
         return T.Compose(ops + [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
-    if not multi_crop:  # asymmetric BYOL-style views (official main_worker.py L183-210)
+    if not multi_crop:  # asymmetric BYOL-style views
         return TwoCrops(pipeline(image_size, (0.2, 1.0), 0.2, 1.0, 0.0),  # view 1: always blurred, no solarize
                         pipeline(image_size, (0.2, 1.0), 0.2, 0.1, 0.2))  # view 2: rarely blurred, solarize 0.2
     small = max(1, round(image_size * 96 / 224))  # 96 px at 224
@@ -371,47 +299,33 @@ def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
     small_crop = pipeline(small, (0.05, 0.14), 0.4, 0.5, 0.0)
     return MultiCrop([big_crop] * 2 + [small_crop] * 6)
 
-
-# =====================================================================================================
-# main
-# =====================================================================================================
 def main(args: Args) -> dict:
     """Trains and returns the final state {"encoder_q", "encoder_k", "bank", "bank_velocity"} (for tests)."""
-    # ---- 1. setup: processes, sizes, seeds; every check before any file is touched -------------------------
+    # ---- 1. setup: processes, sizes, seeds, checks (before any file is touched); run folder; data
     run = setup_run(args)
     if args.bank_size <= 0 or args.warmup_epochs < 0 or min(args.moco_t, args.mem_t, args.init_t) <= 0:
         raise UserError("--bank-size must be positive, --warmup-epochs >= 0, and --moco-t, --mem-t, --init-t > 0")
     device = run.device
-    lr_peak = args.lr * args.batch_size / 256  # linear scaling rule: lr per 256 images
-    lr_final = args.lr_final * args.batch_size / 256
+    lr_peak, lr_final = args.lr * args.batch_size / 256, args.lr_final * args.batch_size / 256  # lr per 256 images
     init_lr = (args.init_lr if args.init_lr is not None else args.lr) * args.batch_size / 256
-
-    # ---- 2. run folder, checkpoint to resume ------------------------------------------------------------
     if not open_run_folder(run, args, MUST_MATCH):
         return {}
-
-    # ---- 3. data: asymmetric views, or 2 + 6 multi-crops ---------------------------------------------------
-    train_set = make_dataset(args.dataset, args.data, "train",
-                             augmentations(args.image_size, args.multi_crop, args.blur),
-                             args.synthetic_images, args.image_size, args.seed)
+    augment = augmentations(args.image_size, args.multi_crop, args.blur)  # asymmetric views, or 2 + 6 crops
+    train_set = make_dataset(args.dataset, args.data, "train", augment, args.synthetic_images, args.image_size,
+                             args.seed)
     loader = make_loader(train_set, run.batch_per_rank, run.rank, run.world, args.workers, args.seed)
     steps_per_epoch = len(loader.sampler) // run.batch_per_rank
     pairs = crop_pairs(2, 6 if args.multi_crop else 0)  # (query crop, key crop, weight)
     knn_sets = make_knn_sets(args, run.console)
-
-    # ---- 4. model, bank, optimizer ----------------------------------------------------------------------
+    # ---- 2. model, bank, optimizer
     encoder_q = Encoder(args.arch, args.small_stem, args.mlp_dim, args.dim)
     sync_bn = device.type == "cuda" and run.world > 1  # SyncBN needs NCCL; with one process it equals BN
-    if sync_bn:  # as upstream: every BN of both encoders
-        encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(encoder_q)
-    encoder_q = encoder_q.to(device)
+    encoder_q = (nn.SyncBatchNorm.convert_sync_batchnorm(encoder_q) if sync_bn else encoder_q).to(device)  # all BN
     encoder_k = copy.deepcopy(encoder_q).requires_grad_(False)  # θ_k = θ_q at start
     channels_last = device.type == "cuda" and args.channels_last
-    if channels_last:
-        encoder_q.to(memory_format=torch.channels_last)
-        encoder_k.to(memory_format=torch.channels_last)
-    # METHOD: the bank W [C, K], fp32, un-normalised, outside DDP. randn from the same seed on every rank
-    # (upstream: unseeded), and all-reduced updates keep it identical; bank initialisation overwrites it.
+    for encoder in (encoder_q, encoder_k) if channels_last else ():
+        encoder.to(memory_format=torch.channels_last)
+    # METHOD: the bank W [C, K], fp32, raw, outside DDP; randn from --seed (upstream: unseeded), the same on every rank
     bank = torch.randn(args.dim, args.bank_size).to(device)
     bank_velocity = torch.zeros_like(bank)  # v: the bank's momentum buffer, v_0 = 0
     optimizer = LARS(encoder_q.parameters(), lr=lr_peak, weight_decay=args.weight_decay, momentum=args.momentum,
@@ -427,10 +341,9 @@ def main(args: Args) -> dict:
         with autocast():
             z = encoder(x)
         return F.normalize(z.float(), dim=1)
-
-    # ---- 5. restore ----------------------------------------------------------------------------------------
+    # ---- 3. restore: W and v continue exactly where they were (bank initialisation is never redone)
     start_epoch, start_batch, step = restore_training(run, encoder_q, encoder_k, optimizer, scaler)
-    if run.ckpt is not None:  # W and v continue exactly where they were: bank initialisation is never redone
+    if run.ckpt is not None:
         bank.copy_(run.ckpt["bank"])
         bank_velocity.copy_(run.ckpt["bank_velocity"])
     model = wrap_model(encoder_q, run, args.compile)
@@ -443,12 +356,9 @@ def main(args: Args) -> dict:
     if not sync_bn:
         run.console.print("plain BatchNorm: SyncBN (upstream, on every BN) is used only with several CUDA processes"
                           + ("" if run.world == 1 else "; here each process normalises its own batch"), markup=False)
-
-    # ---- 6. bank initialisation (fresh runs) ---------------------------------------------------------------
+    # ---- 4. METHOD: bank initialisation (fresh runs): ceil(K/B) MoCo-style steps (label 0: own key), each writing a
+    # global batch of keys into the next B columns of W; the network trains (init_lr, no warm-up; LARS μ carries on)
     if run.ckpt is None and args.bank_init:
-        # METHOD: bank initialisation. ceil(K/B) MoCo-style steps (own key positive, label 0, init_t), each
-        # writing one global batch of momentum keys into the next B columns of W. The network really trains
-        # here, at init_lr without warm-up (as upstream), and LARS's momentum carries into epoch 0.
         encoder_q.train()
         encoder_k.train()
         for group in optimizer.param_groups:
@@ -466,12 +376,10 @@ def main(args: Args) -> dict:
                 scaler.scale(init_loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                # W[:, f : f+B] <- all_gather(k)ᵀ: unit keys of the global batch, rank order, the same on every
-                # rank. When K % B != 0 the last step writes only the first K - f keys (as upstream).
+                # W[:, f : f+B] <- all_gather(k)ᵀ, rank order, on every rank; if K % B != 0 the last step writes K - f
                 take = min(args.batch_size, args.bank_size - filled)
                 bank[:, filled:filled + take] = concat_all_gather(k)[:take].T
-                filled += take
-                init_steps += 1
+                filled, init_steps = filled + take, init_steps + 1
                 if init_steps % args.log_every == 0:
                     run.console.print(f"bank initialisation: {filled}/{args.bank_size} columns, init loss "
                                       f"{init_loss.item():.4f}", markup=False, highlight=False)
@@ -480,18 +388,16 @@ def main(args: Args) -> dict:
             init_epoch += 1
         momentum_update(encoder_q, encoder_k, 0.0)  # θ_k <- θ_q: the EMA of the init steps is discarded
         metrics.write({"epoch": 0, "step": 0, "bank_init_steps": init_steps, "bank_init_loss": init_loss.item()})
-        run.console.print(f"bank initialised: {args.bank_size} momentum keys in {init_steps} steps at lr "
-                          f"{init_lr:g} (last init loss {init_loss.item():.4f}); key encoder reset to the query "
-                          f"encoder", markup=False)
+        run.console.print(f"bank initialised: {args.bank_size} momentum keys in {init_steps} steps at lr {init_lr:g} "
+                          f"(last init loss {init_loss.item():.4f}); key encoder reset to the query encoder",
+                          markup=False)
 
     def checkpoint_state(next_epoch: int, next_batch: int) -> dict:
         return {"method": METHOD, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
                 "step": step, "encoder_q": encoder_q.state_dict(), "encoder_k": encoder_k.state_dict(),
                 "bank": bank.cpu(), "bank_velocity": bank_velocity.cpu(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "rng": all_rng_states(device)}
-
-    # ---- 7. train loop -----------------------------------------------------------------------------------
-    # bank_norm, the mean column norm ||W_k||, is logged and is non-finite iff W holds a non-finite entry
+    # ---- 5. train loop; bank_norm (mean ||W_k||) is logged, non-finite iff W holds a non-finite entry
     tail = StepTail(args, run, steps_per_epoch, metrics, checkpoint_state, knn_sets, encoder_q.backbone, autocast,
                     log_values=lambda: {"bank_norm": bank.norm(dim=0).mean().item()})
     encoder_q.train()
@@ -501,18 +407,16 @@ def main(args: Args) -> dict:
         for epoch in range(start_epoch, args.epochs):
             first_batch = start_batch if epoch == start_epoch else 0
             loader.sampler.set_epoch(epoch, first_batch)
-            # per-epoch schedules (upstream sets all three once per epoch)
-            lr = warmup_cosine(epoch, lr_peak, lr_final, args.warmup_epochs, args.epochs)
+            lr = warmup_cosine(epoch, lr_peak, lr_final, args.warmup_epochs, args.epochs)  # per epoch, as upstream
             mem_lr = warmup_cosine(epoch, args.mem_lr, args.mem_lr_final, args.warmup_epochs, args.epochs)
             key_m = key_momentum(epoch, args.moco_m, args.epochs, args.moco_m_cos)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for batch_idx, (views, _) in enumerate(loader, start=first_batch):
                 crops = [to_device(v) for v in views]  # 2 views, or 2 big + 6 small crops
-
-                # METHOD: one CaCo step. Queries q_i with gradient, one forward per crop (BN statistics per crop)
-                queries = [embed(model, x) for x in crops]
+                # METHOD: one CaCo step. Queries q_i with gradient, one forward per crop (BN statistics per crop);
                 # keys t_j of the big crops, no gradient: EMA first (θ_q after the previous step), then f_k
+                queries = [embed(model, x) for x in crops]
                 with torch.no_grad():
                     momentum_update(encoder_q, encoder_k, key_m)
                     keys = [embed(encoder_k, x) for x in crops[:2]]
@@ -524,7 +428,6 @@ def main(args: Args) -> dict:
                 # METHOD: the bank step, from the same pre-step queries: G averaged over ranks (ONE all-reduce of
                 # [C, K], also with multi-crop), then v <- μ_m v + G, W <- W - η_e v, identical on every rank
                 bank_momentum_step(bank, bank_velocity, all_reduce_mean(out.grad), mem_lr, args.mem_momentum)
-
                 step += 1
                 progress.advance(task)
                 stats = {"loss": out.loss, "pos_prob": out.pos_prob, "acc_pos": out.acc_pos}
@@ -532,16 +435,11 @@ def main(args: Args) -> dict:
                     break
             if tail.stopped:
                 break
-
-    # ---- 8. teardown (the process group is destroyed by cli()) ----------------------------------------------
-    tail.finish(step)
+    tail.finish(step)  # teardown; cli() destroys the process group
     return {"encoder_q": encoder_q, "encoder_k": encoder_k, "bank": bank, "bank_velocity": bank_velocity}
 
-
-# =====================================================================================================
-# APPENDIX: the plumbing. Fenced blocks are byte-identical in every script that carries them
+# ==== APPENDIX: the plumbing. Fenced blocks are byte-identical in every script that carries them
 # (tests/test_shared_blocks.py finds them); fix one, then: python tests/test_shared_blocks.py --sync FILE.py
-# =====================================================================================================
 # >>> shared: distributed
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` is one
@@ -584,7 +482,6 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 # <<< shared: distributed
 
-
 # >>> shared: amp
 def setup_amp(device: torch.device, enabled: bool):
     """(autocast factory, GradScaler, dtype or None): bf16 on GPUs that have it, else fp16 + loss scaling;
@@ -599,7 +496,6 @@ def setup_amp(device: torch.device, enabled: bool):
 
     return autocast, torch.amp.GradScaler(device.type, enabled=dtype is torch.float16), dtype
 # <<< shared: amp
-
 
 # >>> shared: checkpoint
 def rng_state(device: torch.device) -> dict:
@@ -676,7 +572,6 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     return ckpt
 # <<< shared: checkpoint
 
-
 # >>> shared: console
 def make_console(rank: int) -> Console:
     """Rich console on rank 0 only (others are quiet). soft_wrap keeps log lines whole in files."""
@@ -719,7 +614,6 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 # <<< shared: console
-
 
 # >>> shared: pretrain
 @dataclass
@@ -884,7 +778,6 @@ class StepTail:
             self.run.console.print(f"done: {self.args.epochs} epochs, {step} steps; checkpoint {last}", markup=False)
 # <<< shared: pretrain
 
-
 # >>> shared: entry
 def cli(main, args_type) -> None:
     """Parses Args with tyro (--help comes from the field docstrings) and runs main. A UserError becomes one
@@ -902,7 +795,6 @@ def cli(main, args_type) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 # <<< shared: entry
-
 
 if __name__ == "__main__":
     cli(main, Args)

@@ -1,6 +1,6 @@
 """Method-agnostic helpers shared by adco.py, caco.py, moco_co2.py and linear_eval.py.
 
-Rule (see README, "Layout"): only code whose bugs *crash* rather than silently shift accuracy lives here:
+Rule (README, "Layout"): only code whose bugs *crash* rather than silently shift accuracy lives here:
 the ResNet factory, datasets, crop wrappers, the augmentation *operators* (not their values), the
 DataLoader factory and the kNN classifier. Losses, negatives, schedules, EMA and augmentation values stay
 inline in each method file, where a reader of that one file can audit them.
@@ -296,7 +296,7 @@ def make_loader(dataset, batch_per_rank: int, rank: int, world: int, workers: in
 
 
 # ---------------------------------------------------------------------------------------------------
-# kNN classifier (InstDisc weighted vote; spec moco_co2.md section 4)
+# kNN classifier (InstDisc weighted vote, as MoCo's and CaCo's kNN monitors)
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def extract_features(backbone: nn.Module, dataset, batch_size: int, device: torch.device, workers: int = 0,

@@ -1,7 +1,7 @@
 """How many training images per second the real augmentation pipelines deliver, per DataLoader worker.
 
-A benchmark, not a test: it reads real JPEGs from an ImageFolder tree (e.g. the CIFAR-10 pack unpacked with
-shared/data/npz_to_imagefolder.py, or ImageNet), builds each method's own training transform (imported from
+A benchmark, not a test: it reads real JPEGs from an ImageFolder tree (e.g. CIFAR-10 exported as JPEG class
+folders, or ImageNet), builds each method's own training transform (imported from
 the method file, so the numbers are for exactly the pipeline that trains), and times batches coming out of a
 DataLoader for several worker counts. Use it to size --workers: a GPU that trains at X img/s needs about
 X / (img/s per worker) workers. --per-op instead times every operator of the pipeline in this process (where
@@ -36,7 +36,7 @@ class Args:
     image_size: int = 224
     """crop size passed to the method's transform (multi-crop sizes scale with it)"""
     blur: bool = True
-    """Gaussian blur as in the ImageNet recipes; --no-blur for the CIFAR-10 recipe (README)"""
+    """Gaussian blur as in the ImageNet recipes; --no-blur for the CIFAR-10 recipe (docs/cifar10.md)"""
     workers: list[int] = field(default_factory=lambda: [1, 2])
     """worker counts to time"""
     batch_size: int = 64

@@ -10,11 +10,11 @@ run's augmentation) and prints the geometry that decides whether the negatives s
     n.n        mean cosine between bank / queue columns (-> 1: the negatives are one point)
     shares     the softmax mass on the batch keys, the own key and the bank / queue at τ (and τ_m for AdCo)
 
-README "AdCo: a dead bank" quotes its output. The share of the batch keys is what AdCo's loss sees (the other
+docs/adco.md ("AdCo: a dead bank") quotes its output. The share of the batch keys is what AdCo's loss sees (the other
 keys are negatives there); for MoCo it is reported for comparison only (MoCo's loss has one key per query).
 
-    python benchmarks/embedding_stats.py runs/abl-r0/last.pt
-    python benchmarks/embedding_stats.py runs/cifar10-moco/last.pt --json
+    python benchmarks/embedding_stats.py --checkpoint runs/abl-r0/last.pt
+    python benchmarks/embedding_stats.py --checkpoint runs/cifar10-moco/last.pt --json
 """
 import importlib
 import json

@@ -15,7 +15,7 @@ from common import IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, MultiCrop, TwoCrop
 from conftest import ROOT, load, run_script, write_cifar10
 
 SCRIPTS = {"moco_co2.py", "adco.py", "caco.py", "linear_eval.py"}
-# Only sizes shrink; every other flag of the README command is kept as printed.
+# Only sizes shrink; every other flag of the documented command is kept as printed.
 TINY_SIZES = {"--epochs": "1", "--batch-size": "16", "--queue-size": "32", "--bank-size": "32", "--workers": "0",
               "--knn-every": "1"}
 

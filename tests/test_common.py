@@ -1,4 +1,5 @@
 """common.py: ResNet factory, datasets and their errors, the resumable sampler, the kNN vote."""
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -122,8 +123,7 @@ def test_cifar10_by_name_reads_torchvision_files_and_says_where_they_go(tmp_path
         second = pickle.load(f)
     image, label = train[4]  # the first image of the second batch, HWC
     assert label == second["labels"][0]
-    assert torch.equal(torch.as_tensor(list(image.getdata())).T.reshape(3, 32, 32).flatten(),
-                       torch.as_tensor(second["data"][0]).long())
+    assert torch.equal(torch.as_tensor(np.asarray(image)).permute(2, 0, 1).flatten(), torch.as_tensor(second["data"][0]))
     with pytest.raises(UserError, match=r"no cifar-10-batches-py/ under .*empty.*download failed"):
         make_dataset("cifar10", str(tmp_path / "empty"), "train", None)
     with pytest.raises(UserError, match="needs --data"):
