@@ -54,6 +54,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, MultiCrop, Solari
 
 METHOD = "caco"  # written into every checkpoint; --resume refuses checkpoints of other methods
 
+
 @dataclass
 class Args:
     """CaCo pre-training. Defaults = the official README recipe: 200 epochs, global batch 1024 (71.3 %)."""
@@ -144,10 +145,12 @@ class Args:
     knn_train_fraction: float = 0.2
     """fraction of the train split used as kNN memory (every 1/f-th image; upstream 20 %)"""
 
+
 MUST_MATCH = ("arch", "small_stem", "mlp_dim", "dim", "dataset", "image_size", "blur", "multi_crop", "batch_size",
               "lr", "lr_final", "warmup_epochs", "momentum", "weight_decay", "lars_trust", "moco_m", "moco_m_cos",
               "moco_t", "mem_t", "bank_size", "mem_lr", "mem_lr_final", "mem_momentum", "bank_init", "init_t",
               "init_lr", "seed")  # must equal the checkpoint's on --resume; the rest (e.g. --epochs) may change
+
 
 # ==== METHOD: the math, as pure functions (imported by tests/). Embeddings are unit rows, fp32 or fp64. ====
 def bank_grad(q: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, mem_t: float) -> torch.Tensor:
@@ -171,6 +174,7 @@ def bank_grad(q: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, mem_t: 
     grad_F = (weighted_q - radial * n) / (q.shape[0] * mem_t * norms)  # ∂F/∂W_k, tangent to W_k
     return -grad_F  # SGD descends along -(-∂F/∂W): the bank ascends F
 
+
 @torch.no_grad()
 def bank_momentum_step(bank: torch.Tensor, velocity: torch.Tensor, grad: torch.Tensor, lr: float,
                        momentum: float) -> None:
@@ -178,10 +182,12 @@ def bank_momentum_step(bank: torch.Tensor, velocity: torch.Tensor, grad: torch.T
     velocity.mul_(momentum).add_(grad)  # v <- μ_m v + G
     bank.add_(velocity, alpha=-lr)  # W <- W - η v
 
+
 @torch.no_grad()
 def positive_labels(keys: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """y_i = argmax_k t_i . n_k, the column nearest (cosine) to key t_i. keys: [N, C] unit rows; bank: [C, K] -> [N]."""
     return (keys.float() @ F.normalize(bank.float(), dim=0)).argmax(dim=1)
+
 
 def crop_pairs(num_big: int, num_small: int) -> list[tuple[int, int, float]]:
     """(query crop i, key crop j != i, weight w) terms of L and G; keys from the big crops. Two views: L = CE1 + CE2
@@ -192,11 +198,13 @@ def crop_pairs(num_big: int, num_small: int) -> list[tuple[int, int, float]]:
     small = [(i, j) for i in range(num_big, num_big + num_small) for j in range(num_big)]
     return [(i, j, 1.0 / len(big)) for i, j in big] + [(i, j, 1.0 / len(small)) for i, j in small]
 
+
 class CacoStep(NamedTuple):
     loss: torch.Tensor      # L (autograd to the queries)
     grad: torch.Tensor      # G [C, K], this rank's, before the all-reduce
     pos_prob: torch.Tensor  # mean τ_m-softmax probability of the positive, over queries and pairs
     acc_pos: torch.Tensor   # % of queries whose top logit is their positive
+
 
 def caco_loss_and_bank_grad(queries: list, keys: list, bank: torch.Tensor, pairs: list, moco_t: float,
                             mem_t: float) -> CacoStep:
@@ -216,12 +224,14 @@ def caco_loss_and_bank_grad(queries: list, keys: list, bank: torch.Tensor, pairs
             acc.append((logits[i].detach().argmax(dim=1) == labels[j]).float().mean())
     return CacoStep(loss, grad, torch.stack(pos_prob).mean(), 100 * torch.stack(acc).mean())
 
+
 def init_logits(q: torch.Tensor, k: torch.Tensor, bank: torch.Tensor, init_t: float):
     """Bank-init InfoNCE: logits [N, 1+K] = [q_i.k_i | q_i.n_k] / init_t, label 0 (own key positive, bank negatives)."""
     l_pos = (q * k).sum(dim=1, keepdim=True)  # [N, 1]
     l_neg = q @ F.normalize(bank.float(), dim=0)  # [N, K]
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return torch.cat([l_pos, l_neg], dim=1) / init_t, labels
+
 
 def warmup_cosine(epoch: int, peak: float, final: float, warmup: int, epochs: int) -> float:
     """Per-epoch network lr and bank lr: peak (e+1)/W in the W warm-up epochs, then final + ½(1 + cos(π (e-W)/(E-W)))
@@ -230,14 +240,17 @@ def warmup_cosine(epoch: int, peak: float, final: float, warmup: int, epochs: in
         return peak * (epoch + 1) / warmup
     return final + 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup))) * (peak - final)
 
+
 def key_momentum(epoch: int, base: float, epochs: int, cosine: bool) -> float:
     """m_e = 1 - ½(1 + cos(π e/E))(1 - m): m at epoch 0, -> 1 at the end."""
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - base) if cosine else base
+
 
 @torch.no_grad()
 def momentum_update(encoder_q: nn.Module, encoder_k: nn.Module, m: float) -> None:
     """θ_k <- m θ_k + (1 - m) θ_q on parameters (BN buffers stay f_k's own); exact lerp: m = 0 copies θ_q."""
     torch._foreach_lerp_(list(encoder_k.parameters()), list(encoder_q.parameters()), 1.0 - m)
+
 
 class LARS(torch.optim.Optimizer):
     """LARS as upstream CaCo / MoCo v3. For a parameter w with gradient g:
@@ -264,6 +277,7 @@ class LARS(torch.optim.Optimizer):
                 state["mu"].mul_(group["momentum"]).add_(d)
                 w.add_(state["mu"], alpha=-group["lr"])
 
+
 class Encoder(nn.Module):
     """head(backbone(x)); head: Linear -> BN -> ReLU -> Linear -> BN -> ReLU -> Linear, feat-mlp-mlp-dim, no biases."""
 
@@ -277,6 +291,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
 
 def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
     """[view1, view2], or 2 big + 6 small crops (multi-crop; small = image_size x 96/224, so 32 px runs work).
@@ -298,6 +313,7 @@ def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
     big_crop = pipeline(image_size, (0.14, 1.0), 0.4, 0.5, 0.0)  # MoCo v2 augmentation on every crop
     small_crop = pipeline(small, (0.05, 0.14), 0.4, 0.5, 0.0)
     return MultiCrop([big_crop] * 2 + [small_crop] * 6)
+
 
 def main(args: Args) -> dict:
     """Trains and returns the final state {"encoder_q", "encoder_k", "bank", "bank_velocity"} (for tests)."""
@@ -438,6 +454,7 @@ def main(args: Args) -> dict:
     tail.finish(step)  # teardown; cli() destroys the process group
     return {"encoder_q": encoder_q, "encoder_k": encoder_k, "bank": bank, "bank_velocity": bank_velocity}
 
+
 # ==== APPENDIX: the plumbing. Fenced blocks are byte-identical in every script that carries them
 # (tests/test_shared_blocks.py finds them); fix one, then: python tests/test_shared_blocks.py --sync FILE.py
 # >>> shared: distributed
@@ -482,6 +499,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 # <<< shared: distributed
 
+
 # >>> shared: amp
 def setup_amp(device: torch.device, enabled: bool):
     """(autocast factory, GradScaler, dtype or None): bf16 on GPUs that have it, else fp16 + loss scaling;
@@ -496,6 +514,7 @@ def setup_amp(device: torch.device, enabled: bool):
 
     return autocast, torch.amp.GradScaler(device.type, enabled=dtype is torch.float16), dtype
 # <<< shared: amp
+
 
 # >>> shared: checkpoint
 def rng_state(device: torch.device) -> dict:
@@ -572,6 +591,7 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     return ckpt
 # <<< shared: checkpoint
 
+
 # >>> shared: console
 def make_console(rank: int) -> Console:
     """Rich console on rank 0 only (others are quiet). soft_wrap keeps log lines whole in files."""
@@ -614,6 +634,7 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 # <<< shared: console
+
 
 # >>> shared: pretrain
 @dataclass
@@ -778,6 +799,7 @@ class StepTail:
             self.run.console.print(f"done: {self.args.epochs} epochs, {step} steps; checkpoint {last}", markup=False)
 # <<< shared: pretrain
 
+
 # >>> shared: entry
 def cli(main, args_type) -> None:
     """Parses Args with tyro (--help comes from the field docstrings) and runs main. A UserError becomes one
@@ -795,6 +817,7 @@ def cli(main, args_type) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 # <<< shared: entry
+
 
 if __name__ == "__main__":
     cli(main, Args)
