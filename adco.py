@@ -1,8 +1,8 @@
 """AdCo: adversarial contrast, a bank of negatives trained to be hard, in one file.
 
-Paper    "AdCo: Adversarial Contrast for Efficient Learning of Unsupervised Representations from Self-Trained
-         Negative Adversaries", Hu, Wang, Hu, Qi, CVPR 2021, arXiv 2011.08435
-Defaults = the official single-crop ImageNet recipe (maple-research-lab/AdCo @ fd65f12, README commands).
+Paper: "AdCo: Adversarial Contrast for Efficient Learning of Unsupervised Representations from Self-Trained Negative
+Adversaries", Hu, Wang, Hu, Qi, CVPR 2021, arXiv 2011.08435. Defaults = the official single-crop ImageNet recipe
+(maple-research-lab/AdCo @ fd65f12, README commands).
 
 What this file implements (q: query, with gradient; k_all: the keys of the WHOLE global batch, rank order;
 W: the bank [C, K], un-normalised, n_k = W_k / ||W_k||; unit vectors; each equation where it is computed)
@@ -11,7 +11,6 @@ W: the bank [C, K], un-normalised, n_k = W_k / ||W_k||; unit vectors; each equat
     bank       ASCENDS the same loss at τ_m = 0.02 (Eq. 5): G = -∂L_τm/∂W in closed form  bank_grad
                v <- μ v + G + λ W, W <- W - η v (μ 0.9, λ 1e-4, η 3), G averaged over ranks   bank_momentum_step
     --sym      ½ CE(q1, k2_all) + ½ CE(q2, k1_all); --multi-crop: 5 query crops, SUMMED     crop_plan
-
 The bank W, start to finish (grep METHOD for the method's own lines in main())
     created  main(): randn(C, K) from --seed, identical on every rank, outside DDP; velocity v = 0
     filled   main(), fresh runs: K/B MoCo-style steps write each global batch of keys into W (fill_bank)
@@ -19,23 +18,27 @@ The bank W, start to finish (grep METHOD for the method's own lines in main())
     updated  after the network step, from the same pre-step q and k_all: bank_grad, ONE all-reduce, momentum step
     saved    checkpoint_state(): "bank" and "bank_velocity" in every last.pt; init is never redone on resume
 
-Run it
-    torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet --out-dir runs/adco        # 68.6 % reported
-    torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet --sym --out-dir runs/adco_sym          # 70.6 %
-    python adco.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
-        --batch-size 16 --bank-size 64 --workers 0 --epochs 2 --out-dir runs/smoke          # CPU, seconds
-
+Run: torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet [--sym] --out-dir runs/adco   # 68.6 % [70.6 %]
+CPU smoke test, seconds: python adco.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
+    --batch-size 16 --bank-size 64 --workers 0 --epochs 2 --out-dir runs/smoke
 docs/adco.md: every command, defaults vs paper, logged metrics, the bank gradient's derivation, the dead-bank
 diagnosis, deviations from the official code. Layout: Args -> method math -> model, augmentations -> main() ->
 appendix: the fenced plumbing blocks (byte-identical in every script, tests/test_shared_blocks.py).
 """
 
 import copy
+import errno
+import fcntl
 import json
 import math
 import os
 import random
+import re
+import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple, Optional
@@ -53,7 +56,7 @@ from rich.text import Text
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, MultiCrop, TwoCrops, UserError, build_resnet,
-                    eval_transform, knn_accuracy, make_dataset, make_loader)
+                    check_same_classes, eval_transform, knn_accuracy, make_dataset, make_loader)
 
 METHOD = "adco"  # written into every checkpoint; --resume refuses checkpoints of other methods
 
@@ -148,6 +151,13 @@ class Args:
 MUST_MATCH = ("arch", "small_stem", "bn_splits", "mlp_dim", "dim", "dataset", "image_size", "blur", "batch_size", "lr",
               "lr_final", "momentum", "weight_decay", "moco_m", "moco_t", "sym", "multi_crop", "bank_size", "mem_t",
               "mem_lr", "mem_momentum", "mem_wd", "bank_init", "seed")
+# Valid values, checked before anything is written: "> 0", ">= 1", or an interval "[a, b)" (check_ranges).
+RANGES = {"epochs": ">= 1", "batch_size": ">= 1", "image_size": ">= 8", "synthetic_images": ">= 1", "workers": ">= 0",
+          "bn_splits": ">= 1", "mlp_dim": ">= 1", "dim": ">= 1", "lr": ">= 0", "lr_final": ">= 0",
+          "momentum": "[0, 1)", "weight_decay": ">= 0", "moco_m": "[0, 1]", "moco_t": "> 0", "bank_size": ">= 1",
+          "mem_t": "> 0", "mem_lr": ">= 0", "mem_momentum": "[0, 1)", "mem_wd": ">= 0", "log_every": ">= 1",
+          "ckpt_every_steps": ">= 0", "stop_at_step": ">= 1", "knn_every": ">= 0", "knn_k": ">= 1", "knn_t": "> 0",
+          "knn_train_fraction": "(0, 1]"}
 # Multi-crop query crop sizes at --image-size 224; RRC scale (0.2, 1.0) x size / 224 (MultiCrop_Transform.py).
 QUERY_CROP_SIZES = (224, 192, 160, 128, 96)
 # A log window's mean bank_share below this warns: the bank gradient is proportional to it (docs/adco.md).
@@ -162,8 +172,7 @@ def own_key_labels(batch_per_rank: int, rank: int, device) -> torch.Tensor:
 
 
 def similarities(q: torch.Tensor, k_all: torch.Tensor, bank_unit: torch.Tensor) -> torch.Tensor:
-    """Un-scaled logits [q_i.k_b | q_i.n_k], [N, B + K]. q: [N, C]; k_all: [B, C] (own key = positive, the rest
-    in-batch negatives); bank_unit: [C, K], columns n_k. Divided by τ for the network loss, by τ_m for the bank."""
+    """Un-scaled logits [q.k_allᵀ | q.n], [N, B + K]; q: [N, C], k_all: [B, C], bank_unit: [C, K] (columns n_k)."""
     return torch.cat([q @ k_all.T, q @ bank_unit], dim=1)  # [N, B] | [N, K]
 
 
@@ -204,9 +213,8 @@ class AdcoStep(NamedTuple):
 def adco_loss_and_bank_grad(terms: list, bank: torch.Tensor, labels: torch.Tensor, moco_t: float,
                             mem_t: float) -> AdcoStep:
     """One step's math, from the bank BEFORE its step. terms: [(q [N, C] with gradient, k_all [B, C], weight)]
-    (crop_plan); bank W: [C, K], seen by the network detached and normalised (W stays un-normalised); labels: [N].
-    bank_share is the bank's pulse: bank_grad is proportional to it, so near 0 the adversaries stop moving and the
-    loss is in-batch InfoNCE alone (main() warns once)."""
+    (crop_plan); bank W [C, K] enters the loss detached and normalised; labels: [N]. bank_grad is proportional to
+    bank_share: near 0 the adversaries stop moving, the loss is in-batch InfoNCE alone (main() warns once)."""
     dtype = torch.promote_types(bank.dtype, torch.float32)  # fp32 at least (fp64 stays fp64, for tests)
     bank_unit = F.normalize(bank.detach().to(dtype), dim=0)  # [C, K]: n_k, no gradient into the bank
     loss, grad = torch.zeros((), dtype=dtype, device=bank.device), torch.zeros_like(bank, dtype=dtype)
@@ -262,9 +270,7 @@ def crop_plan(sym: bool, multi_crop: bool) -> list[tuple[int, int, float]]:
     query and key (train.py L74-147); --multi-crop: crop 0 is the key, 5 query crops SUMMED (train.py L149-201)."""
     if multi_crop:
         return [(c, 0, 1.0) for c in range(1, 1 + len(QUERY_CROP_SIZES))]
-    if sym:
-        return [(0, 1, 0.5), (1, 0, 0.5)]
-    return [(0, 1, 1.0)]
+    return [(0, 1, 0.5), (1, 0, 0.5)] if sym else [(0, 1, 1.0)]
 
 
 @torch.no_grad()
@@ -289,13 +295,10 @@ def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
     """MoCo v2 "aug+" for every crop (main_worker.py L152-165, MultiCrop_Transform.py): 2 views, or [key crop, 5
     query crops] with --multi-crop. blur=False: no Gaussian blur (σ up to 2 px wipes out most of a 32 px CIFAR crop)."""
     def pipeline(size: int, scale: tuple[float, float]) -> T.Compose:
-        return T.Compose([
-            T.RandomResizedCrop(size, scale=scale),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
-            T.RandomGrayscale(p=0.2),
-            *([T.RandomApply([GaussianBlur(0.1, 2.0)], p=0.5)] if blur else []),  # sigma ~ U[0.1, 2.0]
-            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        return T.Compose([  # ColorJitter: brightness, contrast, saturation, hue; blur sigma ~ U[0.1, 2.0]
+            T.RandomResizedCrop(size, scale=scale), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2), *([T.RandomApply([GaussianBlur(0.1, 2.0)], p=0.5)] if blur else []),
+            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     if not multi_crop:
         return TwoCrops(pipeline(image_size, (0.2, 1.0)))
@@ -308,32 +311,27 @@ def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
 # ==== main =========================================================================================================
 def main(args: Args) -> dict:
     """Trains and returns the final state {"encoder_q", "encoder_k", "bank", "bank_velocity"} (for tests)."""
-    # ---- 1. setup: processes, sizes, seeds; every check before any file is touched
+    # ---- 1. setup: checks (RANGES, before any file is touched), processes, sizes, seeds
     run = setup_run(args)
     check_bn_splits(args.bn_splits, run.batch_per_rank)
     if args.sym and args.multi_crop:
         raise UserError("--sym with --multi-crop is not supported (upstream: 'we have yet to support multi crop "
                         "with symmetrical loss'); choose one")
-    if args.bank_size <= 0 or min(args.moco_t, args.mem_t) <= 0 or args.mem_lr < 0:
-        raise UserError("--bank-size must be positive, --moco-t and --mem-t > 0, --mem-lr >= 0")
     if args.bank_init and args.bank_size % args.batch_size:
         raise UserError(f"--bank-size {args.bank_size} must be a multiple of the global --batch-size {args.batch_size} "
                         "(bank initialisation fills it with one global batch of keys per step; or pass --no-bank-init)")
     device = run.device
-    lr_peak = args.lr * args.batch_size / 256  # linear scaling rule: lr per 256 images
-    lr_final = args.lr_final * args.batch_size / 256  # the final value scales the same way
-    # ---- 2. run folder, checkpoint to resume
-    if not open_run_folder(run, args, MUST_MATCH):
-        return {}
-    # ---- 3. data: 2 views, or 1 key crop + 5 query crops
+    lr_peak, lr_final = args.lr * args.batch_size / 256, args.lr_final * args.batch_size / 256  # linear scaling rule
+    # ---- 2. data: 2 views, or 1 key crop + 5 query crops; then the run folder (a data error leaves none)
     train_set = make_dataset(args.dataset, args.data, "train", augmentations(args.image_size, args.multi_crop,
                              args.blur), args.synthetic_images, args.image_size, args.seed)
     loader = make_loader(train_set, run.batch_per_rank, run.rank, run.world, args.workers, args.seed)
     steps_per_epoch = len(loader.sampler) // run.batch_per_rank
     plan = crop_plan(args.sym, args.multi_crop)  # [(query crop, key crop, weight)]
-    query_crops = sorted({i for i, _, _ in plan})  # through f_q, with gradient
-    key_crops = sorted({j for _, j, _ in plan})  # through f_k with ShuffleBN, no gradient
+    query_crops, key_crops = sorted({i for i, _, _ in plan}), sorted({j for _, j, _ in plan})  # f_q; f_k, ShuffleBN
     knn_sets = make_knn_sets(args, run.console)
+    if not open_run_folder(run, args, MUST_MATCH):  # ---- 3. run folder (locked for this job), checkpoint to resume
+        return {}
     # ---- 4. model, bank, optimizer
     encoder_q = Encoder(args.arch, args.small_stem, args.mlp_dim, args.dim).to(device)
     if args.bn_splits > 1:
@@ -363,6 +361,13 @@ def main(args: Args) -> dict:
             k = encoder_k(x)
         return batch_unshuffle(F.normalize(k.float(), dim=1), idx_unshuffle)
 
+    def sgd_step(loss: torch.Tensor) -> None:
+        """The network's step (DDP averages the gradient over ranks); the bank is outside DDP and the optimizer."""
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
     # ---- 5. restore, or (fresh run) initialise the bank
     start_epoch, start_batch, step = restore_training(run, encoder_q, encoder_k, optimizer, scaler)
     if run.ckpt is not None:  # W and v continue exactly where they were; initialisation is never redone
@@ -377,11 +382,11 @@ def main(args: Args) -> dict:
     if run.world == 1 and args.bn_splits == 1:
         run.console.print("one process with --bn-splits 1: ShuffleBN cannot hide the key batch from BN (one BN "
                           "batch for all keys); on one GPU use --bn-splits 8 (as on 8 GPUs)")
+    encoder_q.train()
+    encoder_k.train()  # f_k's BN uses batch statistics (of the shuffled batch), as upstream; so in bank init
     if run.ckpt is None and args.bank_init:
         # METHOD: bank initialisation: K/B MoCo-style steps (init_logits at τ, epoch-0 lr; the network really trains
         # and SGD's momentum carries into epoch 0), each writing k_all into the next B columns; then θ_k <- θ_q.
-        encoder_q.train()
-        encoder_k.train()
         init_q, init_k = (1, 0) if args.multi_crop else (0, 1)  # multi-crop: the 224 query vs the 224 key crop
         filled, init_epoch, init_steps = 0, 0, 0
         while filled < args.bank_size:
@@ -393,10 +398,7 @@ def main(args: Args) -> dict:
                     momentum_update(encoder_q, encoder_k, args.moco_m)
                     k = embed_keys(to_device(views[init_k]))  # [N, C]
                 init_loss = F.cross_entropy(*init_logits(q, k, bank, args.moco_t))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(init_loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                sgd_step(init_loss)
                 filled = fill_bank(bank, filled, concat_all_gather(k))
                 init_steps += 1
                 if init_steps % args.log_every == 0 or filled >= args.bank_size:
@@ -419,8 +421,6 @@ def main(args: Args) -> dict:
     # ---- 6. train loop: the network step, then the bank step
     tail = StepTail(args, run, steps_per_epoch, metrics, checkpoint_state, knn_sets, encoder_q.backbone, autocast,
                     log_values=lambda: {"bank_norm": bank.norm(dim=0).mean().item()})  # mean |W_k|
-    encoder_q.train()
-    encoder_k.train()  # f_k's BN uses batch statistics (of the shuffled batch), as upstream
     labels = own_key_labels(run.batch_per_rank, run.rank, device)  # [N]: y_i = r*N + i, the same every step
     warned_dead_bank = False
     with make_progress(run.console) as progress:
@@ -434,21 +434,16 @@ def main(args: Args) -> dict:
             for batch_idx, (views, _) in enumerate(loader, start=first_batch):
                 crops = [to_device(v) for v in views]  # 2 views, or [key crop, 5 query crops]
                 # METHOD: one AdCo step. Queries with gradient, one forward per crop (BN per crop, as upstream).
-                queries = {}
-                for c in query_crops:
-                    with autocast():
-                        out = model(crops[c])
-                    queries[c] = F.normalize(out.float(), dim=1)  # [N, C], fp32
+                with autocast():
+                    queries = {c: model(crops[c]) for c in query_crops}
+                queries = {c: F.normalize(q.float(), dim=1) for c, q in queries.items()}  # [N, C], fp32
                 # keys, no gradient: EMA first (θ_q after the previous step), then ShuffleBN forward + gather per crop
                 with torch.no_grad():
                     momentum_update(encoder_q, encoder_k, args.moco_m)
                     keys_all = {c: concat_all_gather(embed_keys(crops[c])) for c in key_crops}
                 out = adco_loss_and_bank_grad([(queries[i], keys_all[j], w) for i, j, w in plan], bank, labels,
                                               args.moco_t, args.mem_t)  # both from the bank BEFORE its step
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()  # DDP averages the network gradient over ranks
-                scaler.step(optimizer)
-                scaler.update()
+                sgd_step(out.loss)
                 # the adversarial bank step: G averaged over ranks (ONE all-reduce of [C, K]), W ascends L_τm
                 bank_momentum_step(bank, bank_velocity, all_reduce_mean(out.grad), args.mem_lr, args.mem_momentum,
                                    args.mem_wd)
@@ -466,19 +461,32 @@ def main(args: Args) -> dict:
                     break
             if tail.stopped:
                 break
-    # ---- 7. teardown (the process group is destroyed by cli())
-    tail.finish(step)
+    tail.finish(step)  # ---- 7. teardown (the process group is destroyed by cli())
     return {"encoder_q": encoder_q, "encoder_k": encoder_k, "bank": bank, "bank_velocity": bank_velocity}
 
 
 # ==== APPENDIX: fenced plumbing, byte-identical in every script (fix one: tests/test_shared_blocks.py --sync FILE.py)
 # >>> shared: distributed
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07", "n[1-2]-ib" -> "n1-ib"."""
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]  # split at commas outside brackets
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", first, count=1)
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` is one
-    process without a process group. NCCL on GPUs, gloo on CPU. The local rank only picks the GPU."""
-    if "RANK" not in os.environ:
+    """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; `srun` sets SLURM_PROCID /
+    SLURM_NTASKS / SLURM_LOCALID, used when RANK is absent, with MASTER_ADDR (default: the job's first host) and
+    MASTER_PORT (default: 20000 + job id mod 10000). Plain `python` is one process without a process group.
+    NCCL on GPUs, gloo on CPU. The local rank only picks the GPU."""
+    env = os.environ
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    if "RANK" not in env and "SLURM_PROCID" in env and tasks > 1:  # one srun task per GPU
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", ""))))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
+    if "RANK" not in env:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -631,11 +639,62 @@ def all_rng_states(device: torch.device) -> list:
     return states
 
 
+def tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.nelement() * obj.element_size()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(x) for x in items)
+
+
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: temp file + rename, so a crash while saving leaves the previous file intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic: a per-process temp file, then a rename, so a crash or a full disk leaves the previous file intact.
+    Checks first that the disk holds one more checkpoint with a margin; a failed write removes its temp file."""
+    folder = os.path.dirname(path) or "."
+    need = int(1.1 * tensor_bytes(state)) + 2**26  # tensors + 10 % + 64 MiB for pickle and file system slack
+    free = shutil.disk_usage(folder).free
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    try:
+        if free < need:
+            raise OSError(errno.ENOSPC, "not enough free space")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path}: {free / 2**30:.2f} GiB free in {folder}, a checkpoint needs about "
+                        f"{need / 2**30:.2f} GiB ({type(e).__name__}: {str(e).strip().splitlines()[0][:80]}); "
+                        f"the previous checkpoint is kept") from None
+
+
+def lock_run_folder(out_dir: str) -> None:
+    """One job per --out-dir: rank 0 holds an OS lock on <out-dir>/.lock for the life of the process (released
+    by the kernel even after kill -9). A second job is refused in one line."""
+    global RUN_LOCK
+    error = None
+    if not is_distributed() or dist.get_rank() == 0:
+        path = os.path.join(out_dir, ".lock")
+        try:
+            RUN_LOCK = open(path, "a+")
+            fcntl.flock(RUN_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            RUN_LOCK.seek(0), RUN_LOCK.truncate(), RUN_LOCK.write(f"{socket.gethostname()} {os.getpid()}\n")
+            RUN_LOCK.flush()
+        except BlockingIOError:
+            RUN_LOCK.seek(0)
+            error = f"--out-dir {out_dir} is in use by another job ({RUN_LOCK.read().strip()}, host and pid)"
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # no locks on this file system
+                print(f"warning: {out_dir} does not support file locks; a second job on it would not be detected")
+            else:
+                error = f"--out-dir {out_dir} is not writable ({e.strerror})"
+    if is_distributed():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = errors[0]
+    if error:
+        raise UserError(error)
+
+
+RUN_LOCK = None
 
 
 def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
@@ -651,6 +710,10 @@ def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
         found = last if os.path.exists(last) else None
     elif not os.path.isfile(resume):
         raise UserError(f"--resume {resume}: no such file")
+    elif (os.path.realpath(os.path.dirname(resume)) != os.path.realpath(out_dir) and os.path.isdir(out_dir)
+          and os.listdir(out_dir)):
+        raise UserError(f"--out-dir {out_dir} already holds another run; --resume {resume} continues into an empty "
+                        f"--out-dir (or into its own folder), so nothing of that run is overwritten")
     else:
         found = resume
     if is_distributed():  # all ranks must resume from the same file (rank 0 writes; other nodes must see it)
@@ -666,9 +729,9 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     """Loads a checkpoint of THIS method and checks that the arguments in `must_match` are unchanged."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
+    except Exception as e:  # noqa: BLE001 (torch.load raises many kinds: KeyError for text, UnpicklingError, ...)
+        raise UserError(f"cannot read checkpoint {path}: not a complete torch.save file of tensors and plain "
+                        f"types ({type(e).__name__})") from None
     found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
     if not isinstance(ckpt, dict) or found != METHOD:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
@@ -707,16 +770,26 @@ def make_progress(console: Console) -> Progress:
 
 class MetricsLog:
     """<out-dir>/metrics.jsonl, one JSON record per line, written by rank 0. On resume, records after the
-    checkpoint's step (logged after the last checkpoint) are dropped: the file reads as one run."""
+    checkpoint's step (logged after the last checkpoint) are dropped: the file reads as one run. A line torn by
+    a crash in mid-write is dropped too, and said so."""
 
     def __init__(self, path: str, rank: int, resume_step: Optional[int]):
         self.path, self.active = path, rank == 0
         if not self.active:
             return
-        kept = []
+        kept, torn = [], 0
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        torn += 1
+                        continue
+                    if record.get("step", 0) <= resume_step:
+                        kept.append(line)
+        if torn:
+            print(f"{path}: dropped {torn} incomplete line(s) left by an interrupted write")
         with open(path, "w") as f:
             f.writelines(kept)
 
@@ -736,12 +809,15 @@ class Run:
     device: torch.device
     console: Console
     batch_per_rank: int
+    stop: "GracefulStop"
     resume_path: Optional[str] = None
     ckpt: Optional[dict] = None
 
 
 def setup_run(args) -> Run:
-    """Processes, device, console, the per-process batch and the seeds; touches no file."""
+    """Checks every numeric flag (RANGES), then processes, device, console, per-process batch, seeds, and the
+    signal handlers. Touches no file."""
+    check_ranges(args, RANGES)
     rank, world, device = setup_distributed()
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the "
@@ -750,18 +826,23 @@ def setup_run(args) -> Run:
     random.seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return Run(rank, world, device, make_console(rank), args.batch_size // world)
+    return Run(rank, world, device, make_console(rank), args.batch_size // world, GracefulStop())
 
 
 def open_run_folder(run: Run, args, must_match: tuple) -> bool:
-    """Sets run.ckpt (the checkpoint to resume) and makes --out-dir. False: it already finished --epochs."""
+    """Sets run.ckpt (the checkpoint to resume), makes --out-dir and locks it for this job. False: nothing to do."""
     run.resume_path = resolve_resume(args.resume, args.out_dir)
     run.ckpt = load_checkpoint(run.resume_path, args, must_match) if run.resume_path else None
-    if run.ckpt is not None and run.ckpt["next_epoch"] >= args.epochs:
-        run.console.print(f"{run.resume_path} already finished {run.ckpt['next_epoch']} epochs; nothing to do "
-                          f"(raise --epochs to train longer)", markup=False)
+    if run.ckpt is not None and (run.ckpt["next_epoch"] >= args.epochs
+                                 or (args.stop_at_step is not None and run.ckpt["step"] >= args.stop_at_step)):
+        run.console.print(f"{run.resume_path} is at epoch {run.ckpt['next_epoch']}, step {run.ckpt['step']}: "
+                          f"nothing to do (raise --epochs or --stop-at-step to train longer)", markup=False)
         return False
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make --out-dir {args.out_dir}: {e.strerror}") from None
+    lock_run_folder(args.out_dir)
     return True
 
 
@@ -772,6 +853,7 @@ def make_knn_sets(args, console: Console):
     try:
         split = [make_dataset(args.dataset, args.data, s, eval_transform(args.image_size), args.synthetic_images,
                               args.image_size, args.seed) for s in ("train", "val")]
+        check_same_classes(*split, "kNN monitor")  # a shifted class list would give wrong numbers silently
     except UserError as e:
         console.print(f"kNN monitor off: {e}", markup=False)
         return None
@@ -829,29 +911,46 @@ class StepTail:
         self.args, self.run, self.steps_per_epoch, self.metrics = args, run, steps_per_epoch, metrics
         self.checkpoint_state, self.knn_sets, self.backbone, self.autocast = checkpoint_state, knn_sets, backbone, autocast
         self.log_values, self.names, self.sums = log_values, None, None
-        self.window_start, self.record, self.stopped = time.perf_counter(), None, False
+        self.window_start, self.record, self.stopped, self.signal = time.perf_counter(), None, False, 0
 
     def __call__(self, epoch: int, done: int, step: int, stats: dict, **fields) -> bool:
         """After `done` batches of `epoch`, at global step `step`; fields (lr, ...) are logged as given.
-        Returns True when the run stops here (--stop-at-step), after its checkpoint."""
+        Returns True when the run stops here (--stop-at-step or a signal), after its checkpoint."""
         args = self.args
         values = torch.stack([*(v.detach().float() for v in stats.values()), torch.ones((), device=self.run.device)])
         if self.sums is None:
             self.names, self.sums = list(stats), torch.zeros_like(values)
         self.sums += values  # the last entry counts the steps
         end_of_epoch = done == self.steps_per_epoch
-        self.stopped = args.stop_at_step is not None and step >= args.stop_at_step
+        self.signal = self.run.stop.agreed()
+        self.stopped = bool(self.signal) or (args.stop_at_step is not None and step >= args.stop_at_step)
         save = end_of_epoch or self.stopped or (args.ckpt_every_steps > 0 and step % args.ckpt_every_steps == 0)
         self.record = self.log(epoch, done, step, fields) if done % args.log_every == 0 or save else None
         if end_of_epoch and self.knn_sets is not None and (epoch + 1) % args.knn_every == 0:
             self.knn_monitor(epoch, step)
         if save:
             state = self.checkpoint_state(epoch + 1, 0) if end_of_epoch else self.checkpoint_state(epoch, done)
-            if self.run.rank == 0:
-                save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
+            self.save(os.path.join(args.out_dir, "last.pt"), state)
         if self.stopped:
-            self.run.console.print(f"stopped at step {step} (--stop-at-step); continue with --resume auto")
+            why = f"by {signal.Signals(self.signal).name}" if self.signal else "(--stop-at-step)"
+            self.run.console.print(f"stopped {why} at step {step}; {os.path.join(args.out_dir, 'last.pt')} holds "
+                                   f"it; continue with the same command and --resume auto", markup=False)
         return self.stopped
+
+    def save(self, path: str, state: dict) -> None:
+        """Rank 0 writes; every rank learns whether it worked, so a full disk stops all ranks with one line."""
+        error = None
+        if self.run.rank == 0:
+            try:
+                save_checkpoint(path, state)
+            except UserError as e:
+                error = str(e)
+        if is_distributed():
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+            error = errors[0]
+        if error:
+            raise UserError(error)
 
     def log(self, epoch: int, done: int, step: int, fields: dict) -> dict:
         *totals, steps = all_reduce_mean(self.sums.clone()).tolist()
@@ -859,9 +958,7 @@ class StepTail:
                   **self.log_values(), "img_per_s": steps * self.args.batch_size / (time.perf_counter() - self.window_start)}
         if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
             bad = os.path.join(self.args.out_dir, f"nonfinite_step{step}.pt")  # last.pt stays the last good state
-            state = self.checkpoint_state(epoch, done)
-            if self.run.rank == 0:
-                save_checkpoint(bad, state)
+            self.save(bad, self.checkpoint_state(epoch, done))
             raise UserError(f"non-finite loss or state at epoch {epoch}, step {step} ({record}); "
                             f"{os.path.join(self.args.out_dir, 'last.pt')} is the last good checkpoint, "
                             f"the diverged state is in {bad}")
@@ -885,6 +982,9 @@ class StepTail:
             self.run.console.print(f"kNN monitor failed, training continues: {type(e).__name__}: {e}", markup=False)
 
     def finish(self, step: int) -> None:
+        """The last line; a run stopped by a signal exits with 128 + its number (non-zero, as if killed by it)."""
+        if self.signal:
+            raise SystemExit(128 + self.signal)
         if not self.stopped:
             last = os.path.join(self.args.out_dir, "last.pt")
             self.run.console.print(f"done: {self.args.epochs} epochs, {step} steps; checkpoint {last}", markup=False)
@@ -895,7 +995,7 @@ class StepTail:
 def cli(main, args_type) -> None:
     """Parses Args with tyro (--help comes from the field docstrings) and runs main. A UserError becomes one
     line on stderr and exit code 2, no traceback. Always tears down the process group."""
-    args = tyro.cli(args_type, console_outputs=int(os.environ.get("RANK", "0")) == 0)
+    args = tyro.cli(args_type, console_outputs=os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
     try:
         main(args)
     except UserError as e:
@@ -907,6 +1007,58 @@ def cli(main, args_type) -> None:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        if threading.current_thread() is threading.main_thread():  # the run is over: signals act as usual again
+            for s, default in zip(GracefulStop.SIGNALS, (signal.SIG_DFL, signal.default_int_handler, signal.SIG_DFL)):
+                signal.signal(s, default)
+
+
+class GracefulStop:
+    """SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C, SLURM's --signal) ask the run to stop after the current
+    step with a checkpoint; a second signal ends the process at once. The ranks agree on the step: each step
+    every rank starts an all-reduce (MAX) of its flag on a CPU (gloo) group and reads the previous step's
+    result, so a signal to any one rank stops all of them at the same step, without a GPU sync."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received, self.pending = 0, None
+        self.group = dist.new_group(backend="gloo") if is_distributed() else None
+        for s in self.SIGNALS if threading.current_thread() is threading.main_thread() else ():
+            signal.signal(s, self.handler)  # (Python lets only the main thread set handlers)
+
+    def handler(self, signum, frame) -> None:
+        self.received = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+
+    def agreed(self) -> int:
+        """The signal (a number) every rank stops for at this step, or 0. Called once per step by every rank."""
+        if self.group is None:
+            return self.received
+        decided = 0
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            decided = int(flag)  # a CPU tensor: no device sync
+        flag = torch.tensor(self.received, dtype=torch.int32)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return decided
+
+
+def check_ranges(args, ranges: dict) -> None:
+    """Every numeric flag against its valid range before anything is written: "> 0", ">= 1", or an interval
+    "[0, 1)" whose brackets say whether each end is included. None (an unset optional flag) passes."""
+    for name, rule in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if rule.startswith(">"):
+            op, bound = rule.split()
+            good = value > float(bound) if op == ">" else value >= float(bound)
+        else:
+            low, high = (float(x) for x in rule[1:-1].split(","))
+            good = (value >= low if rule[0] == "[" else value > low) and (value <= high if rule[-1] == "]" else value < high)
+        if not (good and math.isfinite(value)):
+            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: it must be {rule}")
 # <<< shared: entry
 
 

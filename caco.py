@@ -28,11 +28,18 @@ math -> model, augmentations -> main() -> appendix: fenced plumbing, byte-identi
 """
 
 import copy
+import errno
+import fcntl
 import json
 import math
 import os
 import random
+import re
+import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple, Optional
@@ -50,7 +57,7 @@ from rich.text import Text
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, MultiCrop, Solarize, TwoCrops, UserError,
-                    build_resnet, eval_transform, knn_accuracy, make_dataset, make_loader)
+                    build_resnet, check_same_classes, eval_transform, knn_accuracy, make_dataset, make_loader)
 
 METHOD = "caco"  # written into every checkpoint; --resume refuses checkpoints of other methods
 
@@ -150,6 +157,13 @@ MUST_MATCH = ("arch", "small_stem", "mlp_dim", "dim", "dataset", "image_size", "
               "lr", "lr_final", "warmup_epochs", "momentum", "weight_decay", "lars_trust", "moco_m", "moco_m_cos",
               "moco_t", "mem_t", "bank_size", "mem_lr", "mem_lr_final", "mem_momentum", "bank_init", "init_t",
               "init_lr", "seed")  # must equal the checkpoint's on --resume; the rest (e.g. --epochs) may change
+# Valid values, checked before anything is written: "> 0", ">= 1", or an interval "[a, b)" (check_ranges).
+RANGES = {"epochs": ">= 1", "batch_size": ">= 1", "image_size": ">= 8", "synthetic_images": ">= 1", "workers": ">= 0",
+          "mlp_dim": ">= 1", "dim": ">= 1", "lr": ">= 0", "lr_final": ">= 0", "warmup_epochs": ">= 0",
+          "momentum": "[0, 1)", "weight_decay": ">= 0", "lars_trust": ">= 0", "moco_m": "[0, 1]", "moco_t": "> 0",
+          "mem_t": "> 0", "bank_size": ">= 1", "mem_lr": ">= 0", "mem_lr_final": ">= 0", "mem_momentum": "[0, 1)",
+          "init_t": "> 0", "init_lr": ">= 0", "log_every": ">= 1", "ckpt_every_steps": ">= 0", "stop_at_step": ">= 1",
+          "knn_every": ">= 0", "knn_k": ">= 1", "knn_t": "> 0", "knn_train_fraction": "(0, 1]"}
 
 
 # ==== METHOD: the math, as pure functions (imported by tests/). Embeddings are unit rows, fp32 or fp64. ====
@@ -317,15 +331,11 @@ def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
 
 def main(args: Args) -> dict:
     """Trains and returns the final state {"encoder_q", "encoder_k", "bank", "bank_velocity"} (for tests)."""
-    # ---- 1. setup: processes, sizes, seeds, checks (before any file is touched); run folder; data
+    # ---- 1. setup: checks (RANGES, before any file is touched), processes, sizes, seeds; data; run folder
     run = setup_run(args)
-    if args.bank_size <= 0 or args.warmup_epochs < 0 or min(args.moco_t, args.mem_t, args.init_t) <= 0:
-        raise UserError("--bank-size must be positive, --warmup-epochs >= 0, and --moco-t, --mem-t, --init-t > 0")
     device = run.device
     lr_peak, lr_final = args.lr * args.batch_size / 256, args.lr_final * args.batch_size / 256  # lr per 256 images
     init_lr = (args.init_lr if args.init_lr is not None else args.lr) * args.batch_size / 256
-    if not open_run_folder(run, args, MUST_MATCH):
-        return {}
     augment = augmentations(args.image_size, args.multi_crop, args.blur)  # asymmetric views, or 2 + 6 crops
     train_set = make_dataset(args.dataset, args.data, "train", augment, args.synthetic_images, args.image_size,
                              args.seed)
@@ -333,6 +343,8 @@ def main(args: Args) -> dict:
     steps_per_epoch = len(loader.sampler) // run.batch_per_rank
     pairs = crop_pairs(2, 6 if args.multi_crop else 0)  # (query crop, key crop, weight)
     knn_sets = make_knn_sets(args, run.console)
+    if not open_run_folder(run, args, MUST_MATCH):  # after the data: a data error leaves no empty folder
+        return {}
     # ---- 2. model, bank, optimizer
     encoder_q = Encoder(args.arch, args.small_stem, args.mlp_dim, args.dim)
     sync_bn = device.type == "cuda" and run.world > 1  # SyncBN needs NCCL; with one process it equals BN
@@ -458,12 +470,26 @@ def main(args: Args) -> dict:
 # ==== APPENDIX: the plumbing. Fenced blocks are byte-identical in every script that carries them
 # (tests/test_shared_blocks.py finds them); fix one, then: python tests/test_shared_blocks.py --sync FILE.py
 # >>> shared: distributed
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07", "n[1-2]-ib" -> "n1-ib"."""
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]  # split at commas outside brackets
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", first, count=1)
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` is one
-    process without a process group. NCCL on GPUs, gloo on CPU. The local rank only picks the GPU."""
-    if "RANK" not in os.environ:
+    """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; `srun` sets SLURM_PROCID /
+    SLURM_NTASKS / SLURM_LOCALID, used when RANK is absent, with MASTER_ADDR (default: the job's first host) and
+    MASTER_PORT (default: 20000 + job id mod 10000). Plain `python` is one process without a process group.
+    NCCL on GPUs, gloo on CPU. The local rank only picks the GPU."""
+    env = os.environ
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    if "RANK" not in env and "SLURM_PROCID" in env and tasks > 1:  # one srun task per GPU
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", ""))))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
+    if "RANK" not in env:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -540,11 +566,62 @@ def all_rng_states(device: torch.device) -> list:
     return states
 
 
+def tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.nelement() * obj.element_size()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(x) for x in items)
+
+
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: temp file + rename, so a crash while saving leaves the previous file intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic: a per-process temp file, then a rename, so a crash or a full disk leaves the previous file intact.
+    Checks first that the disk holds one more checkpoint with a margin; a failed write removes its temp file."""
+    folder = os.path.dirname(path) or "."
+    need = int(1.1 * tensor_bytes(state)) + 2**26  # tensors + 10 % + 64 MiB for pickle and file system slack
+    free = shutil.disk_usage(folder).free
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    try:
+        if free < need:
+            raise OSError(errno.ENOSPC, "not enough free space")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path}: {free / 2**30:.2f} GiB free in {folder}, a checkpoint needs about "
+                        f"{need / 2**30:.2f} GiB ({type(e).__name__}: {str(e).strip().splitlines()[0][:80]}); "
+                        f"the previous checkpoint is kept") from None
+
+
+def lock_run_folder(out_dir: str) -> None:
+    """One job per --out-dir: rank 0 holds an OS lock on <out-dir>/.lock for the life of the process (released
+    by the kernel even after kill -9). A second job is refused in one line."""
+    global RUN_LOCK
+    error = None
+    if not is_distributed() or dist.get_rank() == 0:
+        path = os.path.join(out_dir, ".lock")
+        try:
+            RUN_LOCK = open(path, "a+")
+            fcntl.flock(RUN_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            RUN_LOCK.seek(0), RUN_LOCK.truncate(), RUN_LOCK.write(f"{socket.gethostname()} {os.getpid()}\n")
+            RUN_LOCK.flush()
+        except BlockingIOError:
+            RUN_LOCK.seek(0)
+            error = f"--out-dir {out_dir} is in use by another job ({RUN_LOCK.read().strip()}, host and pid)"
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # no locks on this file system
+                print(f"warning: {out_dir} does not support file locks; a second job on it would not be detected")
+            else:
+                error = f"--out-dir {out_dir} is not writable ({e.strerror})"
+    if is_distributed():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = errors[0]
+    if error:
+        raise UserError(error)
+
+
+RUN_LOCK = None
 
 
 def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
@@ -560,6 +637,10 @@ def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
         found = last if os.path.exists(last) else None
     elif not os.path.isfile(resume):
         raise UserError(f"--resume {resume}: no such file")
+    elif (os.path.realpath(os.path.dirname(resume)) != os.path.realpath(out_dir) and os.path.isdir(out_dir)
+          and os.listdir(out_dir)):
+        raise UserError(f"--out-dir {out_dir} already holds another run; --resume {resume} continues into an empty "
+                        f"--out-dir (or into its own folder), so nothing of that run is overwritten")
     else:
         found = resume
     if is_distributed():  # all ranks must resume from the same file (rank 0 writes; other nodes must see it)
@@ -575,9 +656,9 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     """Loads a checkpoint of THIS method and checks that the arguments in `must_match` are unchanged."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
+    except Exception as e:  # noqa: BLE001 (torch.load raises many kinds: KeyError for text, UnpicklingError, ...)
+        raise UserError(f"cannot read checkpoint {path}: not a complete torch.save file of tensors and plain "
+                        f"types ({type(e).__name__})") from None
     found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
     if not isinstance(ckpt, dict) or found != METHOD:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
@@ -616,16 +697,26 @@ def make_progress(console: Console) -> Progress:
 
 class MetricsLog:
     """<out-dir>/metrics.jsonl, one JSON record per line, written by rank 0. On resume, records after the
-    checkpoint's step (logged after the last checkpoint) are dropped: the file reads as one run."""
+    checkpoint's step (logged after the last checkpoint) are dropped: the file reads as one run. A line torn by
+    a crash in mid-write is dropped too, and said so."""
 
     def __init__(self, path: str, rank: int, resume_step: Optional[int]):
         self.path, self.active = path, rank == 0
         if not self.active:
             return
-        kept = []
+        kept, torn = [], 0
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        torn += 1
+                        continue
+                    if record.get("step", 0) <= resume_step:
+                        kept.append(line)
+        if torn:
+            print(f"{path}: dropped {torn} incomplete line(s) left by an interrupted write")
         with open(path, "w") as f:
             f.writelines(kept)
 
@@ -645,12 +736,15 @@ class Run:
     device: torch.device
     console: Console
     batch_per_rank: int
+    stop: "GracefulStop"
     resume_path: Optional[str] = None
     ckpt: Optional[dict] = None
 
 
 def setup_run(args) -> Run:
-    """Processes, device, console, the per-process batch and the seeds; touches no file."""
+    """Checks every numeric flag (RANGES), then processes, device, console, per-process batch, seeds, and the
+    signal handlers. Touches no file."""
+    check_ranges(args, RANGES)
     rank, world, device = setup_distributed()
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the "
@@ -659,18 +753,23 @@ def setup_run(args) -> Run:
     random.seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return Run(rank, world, device, make_console(rank), args.batch_size // world)
+    return Run(rank, world, device, make_console(rank), args.batch_size // world, GracefulStop())
 
 
 def open_run_folder(run: Run, args, must_match: tuple) -> bool:
-    """Sets run.ckpt (the checkpoint to resume) and makes --out-dir. False: it already finished --epochs."""
+    """Sets run.ckpt (the checkpoint to resume), makes --out-dir and locks it for this job. False: nothing to do."""
     run.resume_path = resolve_resume(args.resume, args.out_dir)
     run.ckpt = load_checkpoint(run.resume_path, args, must_match) if run.resume_path else None
-    if run.ckpt is not None and run.ckpt["next_epoch"] >= args.epochs:
-        run.console.print(f"{run.resume_path} already finished {run.ckpt['next_epoch']} epochs; nothing to do "
-                          f"(raise --epochs to train longer)", markup=False)
+    if run.ckpt is not None and (run.ckpt["next_epoch"] >= args.epochs
+                                 or (args.stop_at_step is not None and run.ckpt["step"] >= args.stop_at_step)):
+        run.console.print(f"{run.resume_path} is at epoch {run.ckpt['next_epoch']}, step {run.ckpt['step']}: "
+                          f"nothing to do (raise --epochs or --stop-at-step to train longer)", markup=False)
         return False
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make --out-dir {args.out_dir}: {e.strerror}") from None
+    lock_run_folder(args.out_dir)
     return True
 
 
@@ -681,6 +780,7 @@ def make_knn_sets(args, console: Console):
     try:
         split = [make_dataset(args.dataset, args.data, s, eval_transform(args.image_size), args.synthetic_images,
                               args.image_size, args.seed) for s in ("train", "val")]
+        check_same_classes(*split, "kNN monitor")  # a shifted class list would give wrong numbers silently
     except UserError as e:
         console.print(f"kNN monitor off: {e}", markup=False)
         return None
@@ -738,29 +838,46 @@ class StepTail:
         self.args, self.run, self.steps_per_epoch, self.metrics = args, run, steps_per_epoch, metrics
         self.checkpoint_state, self.knn_sets, self.backbone, self.autocast = checkpoint_state, knn_sets, backbone, autocast
         self.log_values, self.names, self.sums = log_values, None, None
-        self.window_start, self.record, self.stopped = time.perf_counter(), None, False
+        self.window_start, self.record, self.stopped, self.signal = time.perf_counter(), None, False, 0
 
     def __call__(self, epoch: int, done: int, step: int, stats: dict, **fields) -> bool:
         """After `done` batches of `epoch`, at global step `step`; fields (lr, ...) are logged as given.
-        Returns True when the run stops here (--stop-at-step), after its checkpoint."""
+        Returns True when the run stops here (--stop-at-step or a signal), after its checkpoint."""
         args = self.args
         values = torch.stack([*(v.detach().float() for v in stats.values()), torch.ones((), device=self.run.device)])
         if self.sums is None:
             self.names, self.sums = list(stats), torch.zeros_like(values)
         self.sums += values  # the last entry counts the steps
         end_of_epoch = done == self.steps_per_epoch
-        self.stopped = args.stop_at_step is not None and step >= args.stop_at_step
+        self.signal = self.run.stop.agreed()
+        self.stopped = bool(self.signal) or (args.stop_at_step is not None and step >= args.stop_at_step)
         save = end_of_epoch or self.stopped or (args.ckpt_every_steps > 0 and step % args.ckpt_every_steps == 0)
         self.record = self.log(epoch, done, step, fields) if done % args.log_every == 0 or save else None
         if end_of_epoch and self.knn_sets is not None and (epoch + 1) % args.knn_every == 0:
             self.knn_monitor(epoch, step)
         if save:
             state = self.checkpoint_state(epoch + 1, 0) if end_of_epoch else self.checkpoint_state(epoch, done)
-            if self.run.rank == 0:
-                save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
+            self.save(os.path.join(args.out_dir, "last.pt"), state)
         if self.stopped:
-            self.run.console.print(f"stopped at step {step} (--stop-at-step); continue with --resume auto")
+            why = f"by {signal.Signals(self.signal).name}" if self.signal else "(--stop-at-step)"
+            self.run.console.print(f"stopped {why} at step {step}; {os.path.join(args.out_dir, 'last.pt')} holds "
+                                   f"it; continue with the same command and --resume auto", markup=False)
         return self.stopped
+
+    def save(self, path: str, state: dict) -> None:
+        """Rank 0 writes; every rank learns whether it worked, so a full disk stops all ranks with one line."""
+        error = None
+        if self.run.rank == 0:
+            try:
+                save_checkpoint(path, state)
+            except UserError as e:
+                error = str(e)
+        if is_distributed():
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+            error = errors[0]
+        if error:
+            raise UserError(error)
 
     def log(self, epoch: int, done: int, step: int, fields: dict) -> dict:
         *totals, steps = all_reduce_mean(self.sums.clone()).tolist()
@@ -768,9 +885,7 @@ class StepTail:
                   **self.log_values(), "img_per_s": steps * self.args.batch_size / (time.perf_counter() - self.window_start)}
         if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
             bad = os.path.join(self.args.out_dir, f"nonfinite_step{step}.pt")  # last.pt stays the last good state
-            state = self.checkpoint_state(epoch, done)
-            if self.run.rank == 0:
-                save_checkpoint(bad, state)
+            self.save(bad, self.checkpoint_state(epoch, done))
             raise UserError(f"non-finite loss or state at epoch {epoch}, step {step} ({record}); "
                             f"{os.path.join(self.args.out_dir, 'last.pt')} is the last good checkpoint, "
                             f"the diverged state is in {bad}")
@@ -794,6 +909,9 @@ class StepTail:
             self.run.console.print(f"kNN monitor failed, training continues: {type(e).__name__}: {e}", markup=False)
 
     def finish(self, step: int) -> None:
+        """The last line; a run stopped by a signal exits with 128 + its number (non-zero, as if killed by it)."""
+        if self.signal:
+            raise SystemExit(128 + self.signal)
         if not self.stopped:
             last = os.path.join(self.args.out_dir, "last.pt")
             self.run.console.print(f"done: {self.args.epochs} epochs, {step} steps; checkpoint {last}", markup=False)
@@ -804,7 +922,7 @@ class StepTail:
 def cli(main, args_type) -> None:
     """Parses Args with tyro (--help comes from the field docstrings) and runs main. A UserError becomes one
     line on stderr and exit code 2, no traceback. Always tears down the process group."""
-    args = tyro.cli(args_type, console_outputs=int(os.environ.get("RANK", "0")) == 0)
+    args = tyro.cli(args_type, console_outputs=os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
     try:
         main(args)
     except UserError as e:
@@ -816,6 +934,58 @@ def cli(main, args_type) -> None:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        if threading.current_thread() is threading.main_thread():  # the run is over: signals act as usual again
+            for s, default in zip(GracefulStop.SIGNALS, (signal.SIG_DFL, signal.default_int_handler, signal.SIG_DFL)):
+                signal.signal(s, default)
+
+
+class GracefulStop:
+    """SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C, SLURM's --signal) ask the run to stop after the current
+    step with a checkpoint; a second signal ends the process at once. The ranks agree on the step: each step
+    every rank starts an all-reduce (MAX) of its flag on a CPU (gloo) group and reads the previous step's
+    result, so a signal to any one rank stops all of them at the same step, without a GPU sync."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received, self.pending = 0, None
+        self.group = dist.new_group(backend="gloo") if is_distributed() else None
+        for s in self.SIGNALS if threading.current_thread() is threading.main_thread() else ():
+            signal.signal(s, self.handler)  # (Python lets only the main thread set handlers)
+
+    def handler(self, signum, frame) -> None:
+        self.received = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+
+    def agreed(self) -> int:
+        """The signal (a number) every rank stops for at this step, or 0. Called once per step by every rank."""
+        if self.group is None:
+            return self.received
+        decided = 0
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            decided = int(flag)  # a CPU tensor: no device sync
+        flag = torch.tensor(self.received, dtype=torch.int32)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return decided
+
+
+def check_ranges(args, ranges: dict) -> None:
+    """Every numeric flag against its valid range before anything is written: "> 0", ">= 1", or an interval
+    "[0, 1)" whose brackets say whether each end is included. None (an unset optional flag) passes."""
+    for name, rule in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if rule.startswith(">"):
+            op, bound = rule.split()
+            good = value > float(bound) if op == ">" else value >= float(bound)
+        else:
+            low, high = (float(x) for x in rule[1:-1].split(","))
+            good = (value >= low if rule[0] == "[" else value > low) and (value <= high if rule[-1] == "]" else value < high)
+        if not (good and math.isfinite(value)):
+            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: it must be {rule}")
 # <<< shared: entry
 
 

@@ -14,11 +14,14 @@ Contents
     SyntheticImages            deterministic labelled fake images (no download; smoke runs and tests)
     make_dataset               `imagefolder` (ImageNet layout), cifar10/cifar100/stl10 (torchvision) or
                                `synthetic`, with clear errors
+    check_same_classes         refuse a val split whose class names (or their order) differ from train's
     ResumableSampler, make_loader   DistributedSampler that can restart mid-epoch; DataLoader factory
     extract_features, knn_predict, knn_accuracy   weighted kNN (InstDisc rule, k=200, T=0.1 by default)
 """
 
 import os
+import signal
+import threading
 from typing import Optional
 
 import torch
@@ -248,6 +251,50 @@ def make_dataset(kind: str, data: str | None, split: str, transform, synthetic_i
         raise UserError(f"{folder}: {e}") from None
 
 
+def _class_names(dataset) -> Optional[list]:
+    """The class-name list behind `dataset`, looking through Subset wrappers; None if it has none."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    names = getattr(dataset, "classes", None)
+    return None if names is None else [str(name) for name in names]
+
+
+def check_same_classes(train_set, val_set, where: str) -> None:
+    """Refuses (UserError) a val split whose class names differ from train's, in content or in order.
+
+    Labels are positions in the class list (ImageFolder numbers the sorted folder names), so one class folder
+    missing or renamed in val shifts every later label and the accuracy is silently wrong; comparing only the
+    number of classes misses a rename. Datasets without a class list on both sides (STL-10 without
+    class_names.txt) cannot be compared and pass.
+    """
+    train_names, val_names = _class_names(train_set), _class_names(val_set)
+    if train_names is None and val_names is None:
+        return
+    if train_names is None or val_names is None:
+        side = "train" if train_names is None else "val"
+        raise UserError(f"{where}: the {side} split has no class-name list to compare with the other split's")
+    if train_names == val_names:
+        return
+
+    def some(names: list) -> str:  # ImageNet has 1000 classes: a wrong split must not print them all
+        return repr(names[:5])[:-1] + f", ... ({len(names)} in all)]" if len(names) > 5 else repr(names)
+
+    in_train, in_val = set(train_names), set(val_names)
+    missing = [name for name in train_names if name not in in_val]
+    extra = [name for name in val_names if name not in in_train]
+    if missing or extra:
+        detail = ", ".join(part for part in (f"missing in val {some(missing)}" if missing else "",
+                                             f"only in val {some(extra)}" if extra else "") if part)
+    elif len(train_names) != len(val_names):  # same names, one listed twice
+        detail = f"same names but {len(train_names)} entries in train and {len(val_names)} in val"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(train_names, val_names)) if a != b)
+        detail = (f"same names in another order (label {i} is {train_names[i]!r} in train but "
+                  f"{val_names[i]!r} in val)")
+    raise UserError(f"{where}: val classes differ from train's: {detail}; labels are positions in the class "
+                    f"list, so every accuracy would be wrong")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loader
 # ---------------------------------------------------------------------------------------------------
@@ -292,7 +339,26 @@ def make_loader(dataset, batch_per_rank: int, rank: int, world: int, workers: in
         dataset, batch_size=batch_per_rank, sampler=sampler, num_workers=workers, drop_last=True,
         pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed + rank),
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers outlive the stop signals meant for the training process. SLURM and a terminal signal
+    every process of the job, and a worker killed by one makes the training process raise at once (torch's
+    SIGCHLD handler), before it can stop gracefully. So workers ignore SIGINT and SIGUSR1, and obey SIGTERM
+    only from their parent (how the DataLoader and multiprocessing end them): a thread waits for SIGTERM and
+    reads its sender."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # delivered to sigwaitinfo below, not by default
+
+    def obey_parent_only():
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+    threading.Thread(target=obey_parent_only, daemon=True, name="sigterm-from-parent").start()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,27 +372,59 @@ def extract_features(backbone: nn.Module, dataset, batch_size: int, device: torc
     Rank r embeds images r, r+R, r+2R, ... (the index list is padded to a multiple of R so that
     all_gather sees equal shapes); the gathered result is re-interleaved and the padding dropped, so no
     image is counted twice. The caller puts the network in eval mode. Features are fp32.
+
+    With several processes the ranks decide together: if the local pass fails on any rank (an unreadable
+    image, out of memory), EVERY rank raises the same kind of error, "kNN feature extraction failed on rank r:
+    ...", a UserError when the cause was one (a corrupt file) and a RuntimeError otherwise, and no rank is left
+    waiting in the gather. With one process the original exception propagates unchanged.
     """
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     n = len(dataset)
     padded = list(range(n)) + list(range((-n) % world))  # repeat a few images so n_padded % world == 0
     mine = padded[rank::world]
-    loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator())  # own generator: leaves the global RNG stream untouched
-    feats, labels = [], []
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        if autocast is not None:
-            with autocast():
+    failure = None
+    try:
+        loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size, shuffle=False,
+                            num_workers=workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator(),  # own generator: leaves the global RNG stream untouched
+                            worker_init_fn=ignore_stop_signals)
+        feats, labels = [], []
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            if autocast is not None:
+                with autocast():
+                    out = backbone(images)
+            else:
                 out = backbone(images)
-        else:
-            out = backbone(images)
-        feats.append(F.normalize(out.float(), dim=1))
-        labels.append(targets.to(device))
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    if world > 1:  # gathered[w][j] is image padded[w + j * world]
+            feats.append(F.normalize(out.float(), dim=1))
+            labels.append(targets.to(device))
+        feats, labels = torch.cat(feats), torch.cat(labels)
+    except Exception as e:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)
+        if world == 1:
+            raise
+        failure = e
+    if world > 1:
+        # A rank that raised alone would leave the others blocked in all_gather forever, or pair their gather
+        # with its next collective; so every rank first reports success or failure, and all decide alike.
+        mine_report = None
+        if failure is not None:
+            # a DataLoader worker's exception arrives with the worker's traceback in its text; the last line is
+            # "[module.]<type>: <message>", the part worth one line
+            kind = type(failure).__name__
+            lines = [line for line in str(failure).strip().splitlines() if line.strip()]
+            message = lines[-1].split(f"{kind}: ", 1)[-1] if lines else ""
+            mine_report = (isinstance(failure, UserError), f"{kind}: {message}")
+        reports = [None] * world
+        dist.all_gather_object(reports, mine_report)
+        failed = [r for r, report in enumerate(reports) if report is not None]
+        if failed:
+            is_user, message = reports[failed[0]]
+            others = f" (and on {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
+            error = (UserError if is_user else RuntimeError)(
+                f"kNN feature extraction failed on rank {failed[0]}{others}: {message}")
+            raise error from failure
+        # gathered[w][j] is image padded[w + j * world]
         all_feats = [torch.empty_like(feats) for _ in range(world)]
         all_labels = [torch.empty_like(labels) for _ in range(world)]
         dist.all_gather(all_feats, feats)

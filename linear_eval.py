@@ -29,13 +29,19 @@ docs/linear_eval.md has the full protocol details, the defaults compared with th
 checkpoint formats, the deviations from the official code and more commands.
 """
 
+import errno
+import fcntl
 import json
 import math
 import os
 import pickle
 import random
 import re
+import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
@@ -53,8 +59,8 @@ from rich.text import Text
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, UserError, build_resnet, eval_transform, knn_accuracy,
-                    make_dataset, make_loader)
+from common import (IMAGENET_MEAN, IMAGENET_STD, UserError, build_resnet, check_same_classes, eval_transform,
+                    ignore_stop_signals, knn_accuracy, make_dataset, make_loader)
 
 METHOD = "linear_eval"  # written into this script's own checkpoints; --resume refuses other files
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -178,6 +184,12 @@ RECIPES = {
 MUST_MATCH = ("checkpoint", "random_init", "finetune", "label_fraction", "subset_file", "dataset", "image_size",
               "arch", "small_stem", "epochs", "batch_size", "lr", "schedule", "lr_steps", "lr_gamma", "final_lr",
               "lars_trust", "momentum", "weight_decay", "head_lr_mult", "seed")
+# Valid values, checked (after the protocol's defaults are filled in) before anything is written (check_ranges).
+RANGES = {"label_fraction": "(0, 1]", "synthetic_images": ">= 1", "image_size": ">= 8", "workers": ">= 0",
+          "epochs": ">= 1", "batch_size": ">= 1", "lr": ">= 0", "lr_gamma": "> 0", "final_lr": ">= 0",
+          "lars_trust": ">= 0", "momentum": "[0, 1)", "weight_decay": ">= 0", "head_lr_mult": ">= 0", "knn_k": ">= 1",
+          "knn_t": "> 0", "knn_train_fraction": "(0, 1]", "log_every": ">= 1", "eval_every": ">= 1",
+          "stop_at_epoch": ">= 1"}
 
 
 def resolve_recipe(args: Args) -> Args:
@@ -323,7 +335,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, w
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     shard = Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator())
+                        pin_memory=device.type == "cuda", generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=device)
@@ -545,6 +557,7 @@ def run_knn(args: Args, backbone: nn.Module, source: str, batch_per_rank: int, d
     memory = Subset(memory, range(0, len(memory), stride))  # every stride-th image (all classes kept)
     val_set = make_dataset(args.dataset, args.data, "val", eval_transform(args.image_size),
                            args.synthetic_images, args.image_size, args.seed)
+    check_same_classes(memory, val_set, "kNN")  # a shifted label numbering gives a wrong number, not an error
     print_args(console, args, {"mode": "kNN", "backbone": source, "memory images": len(memory),
                                "val images": len(val_set), "world size": world, "device": device})
     top1, top5 = knn_accuracy(backbone, memory, val_set, batch_per_rank, device, args.knn_k, args.knn_t,
@@ -573,9 +586,8 @@ def make_datasets(args: Args) -> tuple:
                              args.image_size, args.seed)
     val_set = make_dataset(args.dataset, args.data, "val", eval_transform(args.image_size), args.synthetic_images,
                            args.image_size, args.seed)
+    check_same_classes(train_set, val_set, "linear probe")  # a renamed class keeps the count but shifts labels
     num_classes = len(train_set.classes)
-    if len(val_set.classes) != num_classes:
-        raise UserError(f"the train split has {num_classes} classes but the val split {len(val_set.classes)}")
     if not args.finetune:
         return train_set, val_set, num_classes, len(train_set)
     if args.subset_file:  # the listed files, or a seeded class-balanced draw
@@ -592,6 +604,7 @@ def main(args: Args) -> dict:
         return {}
     # ---- 1. setup: processes, recipe, sizes, seeds -----------------------------------------------------
     args = resolve_recipe(args)
+    check_ranges(args, RANGES)
     rank, world, device = setup_distributed()
     console = make_console(rank)
     if args.knn and args.finetune:
@@ -599,8 +612,6 @@ def main(args: Args) -> dict:
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the "
                         f"{world} processes")
-    if not 0 < args.label_fraction <= 1:
-        raise UserError(f"--label-fraction {args.label_fraction} must be in (0, 1] (0.01 or 0.1 in the papers)")
     batch_per_rank = args.batch_size // world
     lr_peak = args.lr * args.batch_size / 256  # linear scaling rule: --lr is per 256 images
     torch.manual_seed(args.seed)  # identical fc init (and random-init backbone) on every rank
@@ -619,18 +630,23 @@ def main(args: Args) -> dict:
     if args.knn:
         return run_knn(args, backbone, source, batch_per_rank, device, autocast, console, rank, world)
 
-    # ---- 4. run folder, resume ---------------------------------------------------------------------------
+    # ---- 4. data (before the run folder: a data error leaves no empty folder behind) -------------------------
+    train_set, val_set, num_classes, labelled = make_datasets(args)
+    loader = make_loader(train_set, batch_per_rank, rank, world, args.workers, args.seed)
+    steps_per_epoch = len(loader.sampler) // batch_per_rank
+
+    # ---- 5. run folder (locked for this job), resume -----------------------------------------------------
     resume_path = resolve_resume(args.resume, args.out_dir)
     ckpt = load_checkpoint(resume_path, args, MUST_MATCH) if resume_path else None
     if ckpt is not None and ckpt["next_epoch"] >= args.epochs:
         console.print(f"{resume_path} already finished its {ckpt['next_epoch']} epochs; nothing to do", markup=False)
         return {}
-    os.makedirs(args.out_dir, exist_ok=True)
-
-    # ---- 5. data -------------------------------------------------------------------------------------------
-    train_set, val_set, num_classes, labelled = make_datasets(args)
-    loader = make_loader(train_set, batch_per_rank, rank, world, args.workers, args.seed)
-    steps_per_epoch = len(loader.sampler) // batch_per_rank
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make --out-dir {args.out_dir}: {e.strerror}") from None
+    lock_run_folder(args.out_dir)
+    stop = GracefulStop()  # SIGTERM / SIGINT / SIGUSR1: checkpoint after the current step, then exit
 
     # ---- 6. model, optimizer -----------------------------------------------------------------------------
     model = Classifier(backbone, feat_dim, num_classes, frozen=not args.finetune).to(device)
@@ -647,12 +663,13 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.seed + rank)  # from here on: per-rank randomness (augmentations)
 
     # ---- 7. restore ----------------------------------------------------------------------------------------
-    start_epoch, step, best_top1 = 0, 0, 0.0
+    start_epoch, start_batch, step, best_top1 = 0, 0, 0, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, best_top1 = ckpt["next_epoch"], ckpt["step"], ckpt["best_top1"]
+        start_epoch, start_batch, step = ckpt["next_epoch"], ckpt["next_batch"], ckpt["step"]
+        best_top1 = ckpt["best_top1"]
         if len(ckpt["rng"]) == world:
             set_rng_state(ckpt["rng"][rank], device)
         else:
@@ -669,8 +686,17 @@ def main(args: Args) -> dict:
         "backbone": source, "classes": num_classes, "labelled train images": labelled, "world size": world,
         "device": device, "per-process batch": batch_per_rank, "lr used (lr x B/256)": lr_peak,
         "amp dtype": amp_dtype or "fp32", "steps per epoch": steps_per_epoch,
-        "resumed from": f"{resume_path} (epoch {start_epoch})" if ckpt else "-",
+        "resumed from": f"{resume_path} (epoch {start_epoch}, batch {start_batch})" if ckpt else "-",
     })
+
+    def checkpoint_state(next_epoch: int, next_batch: int) -> dict:  # every rank calls it: RNG is a collective
+        return {"method": METHOD, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
+                "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "best_top1": best_top1, "rng": all_rng_states(device)}
+
+    def save(state: dict) -> None:
+        if rank == 0:
+            save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
 
     # ---- 8. train loop ------------------------------------------------------------------------------------
     ddp_model.train()  # a frozen backbone stays in eval mode (Classifier.train)
@@ -678,13 +704,14 @@ def main(args: Args) -> dict:
     window_start = time.perf_counter()
     top1 = top5 = float("nan")
     with make_progress(console) as progress:
-        task = progress.add_task("train", total=(args.epochs - start_epoch) * steps_per_epoch)
+        task = progress.add_task("train", total=(args.epochs - start_epoch) * steps_per_epoch - start_batch)
         for epoch in range(start_epoch, args.epochs):
-            loader.sampler.set_epoch(epoch)
+            first_batch = start_batch if epoch == start_epoch else 0
+            loader.sampler.set_epoch(epoch, first_batch)
             lr = lr_at_epoch(epoch, args, lr_peak)  # once per epoch, no warm-up (all three protocols)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]
-            for batch_idx, (images, labels) in enumerate(loader):
+            for batch_idx, (images, labels) in enumerate(loader, start=first_batch):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 if device.type == "cuda" and args.channels_last:
                     images = images.to(memory_format=torch.channels_last)
@@ -698,7 +725,8 @@ def main(args: Args) -> dict:
                 # logging and the non-finite guard: the only host syncs
                 done = batch_idx + 1
                 end_of_epoch = done == steps_per_epoch
-                if done % args.log_every == 0 or end_of_epoch:
+                signum = stop.agreed()  # the same answer on every rank
+                if done % args.log_every == 0 or end_of_epoch or signum:
                     totals = all_reduce_mean(sums.clone()).tolist()
                     elapsed = time.perf_counter() - window_start
                     record = {"epoch": epoch, "step": step, "lr": lr, "loss": totals[0] / totals[3],
@@ -715,6 +743,12 @@ def main(args: Args) -> dict:
                                   markup=False, highlight=False)
                     sums.zero_()
                     window_start = time.perf_counter()
+                if signum and not end_of_epoch:  # mid-epoch: save this position and leave
+                    save(checkpoint_state(epoch, done))
+                    console.print(f"stopped by {signal.Signals(signum).name} at step {step}; "
+                                  f"{os.path.join(args.out_dir, 'last.pt')} holds it; continue with --resume auto",
+                                  markup=False)
+                    raise SystemExit(128 + signum)
 
             # ---- 9. end of epoch: sanity check, val accuracy, checkpoint ---------------------------------------
             last = epoch == args.epochs - 1
@@ -732,11 +766,11 @@ def main(args: Args) -> dict:
                 console.print(f"epoch {epoch}  val top-1 {top1:.2f}  top-5 {top5:.2f}  (best top-1 {best_top1:.2f})",
                               markup=False)
             metrics.write(record)
-            state = {"method": METHOD, "args": asdict(args), "next_epoch": epoch + 1, "next_batch": 0, "step": step,
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "best_top1": best_top1, "rng": all_rng_states(device)}  # every rank: a collective
-            if rank == 0:
-                save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
+            save(checkpoint_state(epoch + 1, 0))
+            if signum and not last:
+                console.print(f"stopped by {signal.Signals(signum).name} after epoch {epoch}; continue with "
+                              f"--resume auto", markup=False)
+                raise SystemExit(128 + signum)
             if args.stop_at_epoch is not None and epoch + 1 >= args.stop_at_epoch and not last:
                 console.print(f"stopped after epoch {epoch} (--stop-at-epoch); continue with --resume auto")
                 return {"top1": top1, "top5": top5, "best_top1": best_top1, "model": model}
@@ -756,12 +790,26 @@ def main(args: Args) -> dict:
 # (tests/test_shared_blocks.py). Fix them in one file, copy to the others.
 # =====================================================================================================
 # >>> shared: distributed
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07", "n[1-2]-ib" -> "n1-ib"."""
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]  # split at commas outside brackets
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", first, count=1)
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` is one
-    process without a process group. NCCL on GPUs, gloo on CPU. The local rank only picks the GPU."""
-    if "RANK" not in os.environ:
+    """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; `srun` sets SLURM_PROCID /
+    SLURM_NTASKS / SLURM_LOCALID, used when RANK is absent, with MASTER_ADDR (default: the job's first host) and
+    MASTER_PORT (default: 20000 + job id mod 10000). Plain `python` is one process without a process group.
+    NCCL on GPUs, gloo on CPU. The local rank only picks the GPU."""
+    env = os.environ
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    if "RANK" not in env and "SLURM_PROCID" in env and tasks > 1:  # one srun task per GPU
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", ""))))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
+    if "RANK" not in env:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -838,11 +886,62 @@ def all_rng_states(device: torch.device) -> list:
     return states
 
 
+def tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.nelement() * obj.element_size()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(x) for x in items)
+
+
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: temp file + rename, so a crash while saving leaves the previous file intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic: a per-process temp file, then a rename, so a crash or a full disk leaves the previous file intact.
+    Checks first that the disk holds one more checkpoint with a margin; a failed write removes its temp file."""
+    folder = os.path.dirname(path) or "."
+    need = int(1.1 * tensor_bytes(state)) + 2**26  # tensors + 10 % + 64 MiB for pickle and file system slack
+    free = shutil.disk_usage(folder).free
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    try:
+        if free < need:
+            raise OSError(errno.ENOSPC, "not enough free space")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path}: {free / 2**30:.2f} GiB free in {folder}, a checkpoint needs about "
+                        f"{need / 2**30:.2f} GiB ({type(e).__name__}: {str(e).strip().splitlines()[0][:80]}); "
+                        f"the previous checkpoint is kept") from None
+
+
+def lock_run_folder(out_dir: str) -> None:
+    """One job per --out-dir: rank 0 holds an OS lock on <out-dir>/.lock for the life of the process (released
+    by the kernel even after kill -9). A second job is refused in one line."""
+    global RUN_LOCK
+    error = None
+    if not is_distributed() or dist.get_rank() == 0:
+        path = os.path.join(out_dir, ".lock")
+        try:
+            RUN_LOCK = open(path, "a+")
+            fcntl.flock(RUN_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            RUN_LOCK.seek(0), RUN_LOCK.truncate(), RUN_LOCK.write(f"{socket.gethostname()} {os.getpid()}\n")
+            RUN_LOCK.flush()
+        except BlockingIOError:
+            RUN_LOCK.seek(0)
+            error = f"--out-dir {out_dir} is in use by another job ({RUN_LOCK.read().strip()}, host and pid)"
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # no locks on this file system
+                print(f"warning: {out_dir} does not support file locks; a second job on it would not be detected")
+            else:
+                error = f"--out-dir {out_dir} is not writable ({e.strerror})"
+    if is_distributed():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = errors[0]
+    if error:
+        raise UserError(error)
+
+
+RUN_LOCK = None
 
 
 def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
@@ -858,6 +957,10 @@ def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
         found = last if os.path.exists(last) else None
     elif not os.path.isfile(resume):
         raise UserError(f"--resume {resume}: no such file")
+    elif (os.path.realpath(os.path.dirname(resume)) != os.path.realpath(out_dir) and os.path.isdir(out_dir)
+          and os.listdir(out_dir)):
+        raise UserError(f"--out-dir {out_dir} already holds another run; --resume {resume} continues into an empty "
+                        f"--out-dir (or into its own folder), so nothing of that run is overwritten")
     else:
         found = resume
     if is_distributed():  # all ranks must resume from the same file (rank 0 writes; other nodes must see it)
@@ -873,9 +976,9 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     """Loads a checkpoint of THIS method and checks that the arguments in `must_match` are unchanged."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
+    except Exception as e:  # noqa: BLE001 (torch.load raises many kinds: KeyError for text, UnpicklingError, ...)
+        raise UserError(f"cannot read checkpoint {path}: not a complete torch.save file of tensors and plain "
+                        f"types ({type(e).__name__})") from None
     found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
     if not isinstance(ckpt, dict) or found != METHOD:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
@@ -914,16 +1017,26 @@ def make_progress(console: Console) -> Progress:
 
 class MetricsLog:
     """<out-dir>/metrics.jsonl, one JSON record per line, written by rank 0. On resume, records after the
-    checkpoint's step (logged after the last checkpoint) are dropped: the file reads as one run."""
+    checkpoint's step (logged after the last checkpoint) are dropped: the file reads as one run. A line torn by
+    a crash in mid-write is dropped too, and said so."""
 
     def __init__(self, path: str, rank: int, resume_step: Optional[int]):
         self.path, self.active = path, rank == 0
         if not self.active:
             return
-        kept = []
+        kept, torn = [], 0
         if resume_step is not None and os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        torn += 1
+                        continue
+                    if record.get("step", 0) <= resume_step:
+                        kept.append(line)
+        if torn:
+            print(f"{path}: dropped {torn} incomplete line(s) left by an interrupted write")
         with open(path, "w") as f:
             f.writelines(kept)
 
@@ -938,7 +1051,7 @@ class MetricsLog:
 def cli(main, args_type) -> None:
     """Parses Args with tyro (--help comes from the field docstrings) and runs main. A UserError becomes one
     line on stderr and exit code 2, no traceback. Always tears down the process group."""
-    args = tyro.cli(args_type, console_outputs=int(os.environ.get("RANK", "0")) == 0)
+    args = tyro.cli(args_type, console_outputs=os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
     try:
         main(args)
     except UserError as e:
@@ -950,6 +1063,58 @@ def cli(main, args_type) -> None:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        if threading.current_thread() is threading.main_thread():  # the run is over: signals act as usual again
+            for s, default in zip(GracefulStop.SIGNALS, (signal.SIG_DFL, signal.default_int_handler, signal.SIG_DFL)):
+                signal.signal(s, default)
+
+
+class GracefulStop:
+    """SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C, SLURM's --signal) ask the run to stop after the current
+    step with a checkpoint; a second signal ends the process at once. The ranks agree on the step: each step
+    every rank starts an all-reduce (MAX) of its flag on a CPU (gloo) group and reads the previous step's
+    result, so a signal to any one rank stops all of them at the same step, without a GPU sync."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received, self.pending = 0, None
+        self.group = dist.new_group(backend="gloo") if is_distributed() else None
+        for s in self.SIGNALS if threading.current_thread() is threading.main_thread() else ():
+            signal.signal(s, self.handler)  # (Python lets only the main thread set handlers)
+
+    def handler(self, signum, frame) -> None:
+        self.received = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+
+    def agreed(self) -> int:
+        """The signal (a number) every rank stops for at this step, or 0. Called once per step by every rank."""
+        if self.group is None:
+            return self.received
+        decided = 0
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            decided = int(flag)  # a CPU tensor: no device sync
+        flag = torch.tensor(self.received, dtype=torch.int32)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return decided
+
+
+def check_ranges(args, ranges: dict) -> None:
+    """Every numeric flag against its valid range before anything is written: "> 0", ">= 1", or an interval
+    "[0, 1)" whose brackets say whether each end is included. None (an unset optional flag) passes."""
+    for name, rule in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if rule.startswith(">"):
+            op, bound = rule.split()
+            good = value > float(bound) if op == ">" else value >= float(bound)
+        else:
+            low, high = (float(x) for x in rule[1:-1].split(","))
+            good = (value >= low if rule[0] == "[" else value > low) and (value <= high if rule[-1] == "]" else value < high)
+        if not (good and math.isfinite(value)):
+            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: it must be {rule}")
 # <<< shared: entry
 
 

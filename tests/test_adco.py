@@ -207,20 +207,39 @@ def tiny_args(out, **overrides):
     return adco.Args(**fields)
 
 
-def test_bank_init_fills_exactly_k_columns_with_unit_keys(tmp_path):
+class Initialised(Exception):
+    """Carries the checkpoint state of a run at the end of bank initialisation, before its first step."""
+
+
+def state_after_bank_init(monkeypatch, args) -> dict:
+    """adco.main up to the end of bank initialisation (--epochs must be >= 1, so the run is cut where main()
+    builds its step tail: the first thing after the initialisation). Returns checkpoint_state() there."""
+    class StopHere(adco.StepTail):
+        def __init__(self, args, run, steps_per_epoch, metrics, checkpoint_state, *rest, **kwargs):
+            raise Initialised(checkpoint_state(0, 0))
+    monkeypatch.setattr(adco, "StepTail", StopHere)
+    with pytest.raises(Initialised) as caught:
+        adco.main(args)
+    return caught.value.args[0]
+
+
+def test_bank_init_fills_exactly_k_columns_with_unit_keys(tmp_path, monkeypatch):
     """K = 128, B = 16: 8 init steps (the 64-image loader is cycled); every column is a unit key (the randn
-    columns it replaces have norm about sqrt(128)); θ_k = θ_q afterwards; --epochs 0 stops right after."""
-    state = adco.main(tiny_args(tmp_path / "init", epochs=0, bank_size=128))
+    columns it replaces have norm about sqrt(128)); θ_k = θ_q afterwards."""
+    state = state_after_bank_init(monkeypatch, tiny_args(tmp_path / "init", epochs=1, bank_size=128))
     bank = state["bank"]
     assert bank.shape == (128, 128)
     torch.testing.assert_close(bank.norm(dim=0), torch.ones(128), rtol=0, atol=1e-5)
     assert torch.cdist(bank.T, bank.T).add(torch.eye(128)).min() > 1e-3  # 128 distinct keys
     records = [json.loads(line) for line in open(tmp_path / "init" / "metrics.jsonl")]
     assert records[0]["bank_init_steps"] == 8
-    for p_q, p_k in zip(state["encoder_q"].parameters(), state["encoder_k"].parameters()):
-        assert torch.equal(p_q, p_k)
-    assert not torch.equal(state["encoder_q"].head[0].weight, adco.Encoder("resnet18", False, 2048, 128).head[0].weight)
-    randn = adco.main(tiny_args(tmp_path / "noinit", epochs=0, bank_init=False, bank_size=72))  # any K
+    parameters = {name for name, _ in adco.Encoder("resnet18", False, 2048, 128).named_parameters()}
+    for name in parameters:
+        assert torch.equal(state["encoder_q"][name], state["encoder_k"][name])
+    assert not torch.equal(state["encoder_q"]["head.0.weight"],
+                           adco.Encoder("resnet18", False, 2048, 128).head[0].weight)
+    randn = state_after_bank_init(monkeypatch, tiny_args(tmp_path / "noinit", epochs=1, bank_init=False,
+                                                         bank_size=72))  # any K
     assert randn["bank"].norm(dim=0).mean() > 5  # untouched seeded randn
 
 

@@ -5,8 +5,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from common import (ResumableSampler, SyntheticImages, UserError, build_resnet, eval_transform, knn_predict,
-                    make_dataset)
+from common import (ResumableSampler, SyntheticImages, UserError, build_resnet, check_same_classes, eval_transform,
+                    extract_features, knn_predict, make_dataset)
+from conftest import load, run_torchrun
 
 
 @pytest.mark.parametrize("arch,feat", [("resnet18", 512), ("resnet50", 2048)])
@@ -128,3 +129,88 @@ def test_cifar10_by_name_reads_torchvision_files_and_says_where_they_go(tmp_path
         make_dataset("cifar10", str(tmp_path / "empty"), "train", None)
     with pytest.raises(UserError, match="needs --data"):
         make_dataset("cifar100", None, "train", None)
+
+
+class Named(torch.utils.data.Dataset):
+    """A dataset that is only a class-name list (what check_same_classes reads)."""
+
+    def __init__(self, classes):
+        self.classes = list(classes)
+
+    def __len__(self):
+        return 1
+
+
+def test_check_same_classes_names_the_difference():
+    ok = ["cat", "dog", "fox"]
+    check_same_classes(Named(ok), Named(ok), "kNN")
+    check_same_classes(torch.utils.data.Subset(Named(ok), [0]), Named(ok), "kNN")  # looks through Subset
+    check_same_classes(SyntheticImages(20, 8), SyntheticImages(5, 8, seed=1), "kNN")
+    cases = [
+        (["cat", "fox"], r"^kNN: val classes differ from train's: missing in val \['dog'\];"),
+        (["cat", "dgo", "fox"], r"missing in val \['dog'\], only in val \['dgo'\];"),
+        (["cat", "fox", "dog"], r"same names in another order \(label 1 is 'dog' in train but 'fox' in val\)"),
+        (["cat", "dog", "fox", "fox"], r"same names but 3 entries in train and 4 in val"),
+    ]
+    for val, pattern in cases:
+        with pytest.raises(UserError, match=pattern) as caught:
+            check_same_classes(torch.utils.data.Subset(Named(ok), [0]), Named(val), "kNN")
+        assert "\n" not in str(caught.value)
+    many = [f"n{i:04d}" for i in range(1000)]
+    with pytest.raises(UserError, match=r"missing in val \['n0000', .*, \.\.\. \(1000 in all\)\]") as caught:
+        check_same_classes(Named(many), Named(["images"]), "linear probe")
+    assert str(caught.value).startswith("linear probe: ") and len(str(caught.value)) < 400
+    with pytest.raises(UserError, match="the val split has no class-name list"):
+        check_same_classes(Named(ok), torch.utils.data.TensorDataset(torch.zeros(1)), "kNN")
+    check_same_classes(torch.utils.data.TensorDataset(torch.zeros(1)), torch.utils.data.TensorDataset(torch.zeros(1)),
+                       "kNN")  # nothing to compare on either side (STL-10 without class_names.txt)
+
+
+def test_check_same_classes_reads_imagefolder_and_cifar(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    from conftest import write_cifar10
+
+    for split, names in (("train", ["cat", "dog"]), ("val", ["cat", "dgo"])):
+        for name in names:
+            (tmp_path / "folders" / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "folders" / split / name / "a.png")
+    train = make_dataset("imagefolder", str(tmp_path / "folders"), "train", None)
+    with pytest.raises(UserError, match=r"missing in val \['dog'\], only in val \['dgo'\]"):
+        check_same_classes(train, make_dataset("imagefolder", str(tmp_path / "folders"), "val", None), "kNN")
+    write_cifar10(tmp_path / "cifar", train_per_batch=2, test=2)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    check_same_classes(make_dataset("cifar10", str(tmp_path / "cifar"), "train", None),
+                       make_dataset("cifar10", str(tmp_path / "cifar"), "val", None), "kNN")
+
+
+def test_two_process_extraction_fails_on_every_rank_together(tmp_path):
+    """Rank 1 cannot read one image: both ranks must raise the same error naming rank 1 (not hang in all_gather,
+    not pair their collectives wrongly); a UserError cause stays a UserError; a healthy pass afterwards in the
+    same process group still gives every image once, equal to a single-process pass."""
+    run_torchrun("tests/dist_worker_extract.py", tmp_path, nproc=2, timeout=180)
+    results = [load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    corrupt = ("UserError", "kNN feature extraction failed on rank 1: UserError: cannot read image img3.jpg: broken")
+    for result in results:  # the worker-raised UserError (third) reads as one line too, not a traceback
+        assert result["outcomes"] == [
+            ("RuntimeError", "kNN feature extraction failed on rank 1: OSError: image 3 is unreadable"),
+            corrupt, corrupt]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+    single, labels = extract_features(net, SyntheticImages(7, 16, transform=eval_transform(16)), batch_size=2,
+                                      device=torch.device("cpu"))
+    for result in results:
+        assert torch.allclose(result["feats"], single, atol=1e-6) and torch.equal(result["labels"], labels)
+    assert labels.tolist() == [i % 10 for i in range(7)]
+
+
+def test_single_process_extraction_raises_the_original_error():
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            raise OSError("image is unreadable")
+
+    with pytest.raises(OSError, match="^image is unreadable$"):
+        extract_features(torch.nn.Flatten(), Broken(), batch_size=2, device=torch.device("cpu"))

@@ -9,6 +9,7 @@ import importlib
 import json
 import math
 import pickle
+import re
 import sys
 
 import pytest
@@ -213,6 +214,49 @@ def test_subset_file(tmp_path):
     listing.write_text("cat_2.png\nbird_0.png\n")
     with pytest.raises(UserError, match="1 of 2 listed images are not in the train split"):
         le.subset_from_file(str(listing), ds)
+
+
+def image_folders(root, train_classes, val_classes):
+    """An ImageNet-layout tree: 4 train and 2 val images per class, each class its own colour."""
+    from PIL import Image
+    for split, classes, count in (("train", train_classes, 4), ("val", val_classes, 2)):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (32, 32), (40 * c, 255 - 40 * c, 20 * i)).save(root / split / name / f"{i}.png")
+    return root
+
+
+IMAGEFOLDER_KNN = ["--dataset", "imagefolder", "--knn", "--random-init", "--arch", "resnet18", "--image-size", "32",
+                   "--batch-size", "8", "--workers", "0"]
+
+
+@pytest.mark.parametrize("val_classes,named", [
+    (["ant", "bee", "dog", "elk"], r"missing in val \['cat'\]"),  # labels of dog and elk would shift by one
+    (["ant", "bee", "kat", "dog", "elk"], r"missing in val \['cat'\], only in val \['kat'\]"),  # same count
+])
+def test_knn_refuses_val_classes_that_differ_from_train(tmp_path, val_classes, named):
+    """ImageFolder numbers the sorted folder names: a class folder missing or renamed in val silently shifts the
+    labels (8.9 % instead of 19.0 % in the report). The run must stop with one line naming the class."""
+    root = image_folders(tmp_path / "data", ["ant", "bee", "cat", "dog", "elk"], val_classes)
+    proc = run_script("linear_eval.py", *IMAGEFOLDER_KNN, "--data", root, "--out-dir", tmp_path / "knn", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert re.search(r"^error: kNN: val classes differ from train's: " + named, proc.stderr.strip()), proc.stderr
+    assert not (tmp_path / "knn" / "metrics.jsonl").exists()
+
+
+def test_equal_classes_are_accepted_and_the_probe_checks_names_too(tmp_path):
+    classes = ["ant", "bee", "cat", "dog", "elk"]
+    same = image_folders(tmp_path / "same", classes, classes)
+    result = le.main(le.Args(**{**TINY_KW, "dataset": "imagefolder", "batch_size": 8}, data=str(same), knn=True,
+                             random_init=True, out_dir=str(tmp_path / "knn")))
+    assert 0 <= result["top1"] <= 100
+    renamed = image_folders(tmp_path / "renamed", classes, ["ant", "bee", "kat", "dog", "elk"])
+    with pytest.raises(UserError, match=r"^linear probe: val classes differ from train's: missing in val \['cat'\], "
+                                        r"only in val \['kat'\]"):
+        le.main(le.Args(**{**TINY_KW, "dataset": "imagefolder", "batch_size": 8}, data=str(renamed),
+                        random_init=True, epochs=1, out_dir=str(tmp_path / "lin")))
 
 
 # ---------------------------------------------------------------------------------------------------
