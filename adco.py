@@ -514,6 +514,16 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def raise_on_every_rank(error: Optional[str]) -> None:
+    """Rank 0's error message (or None) becomes a UserError on every rank: no rank waits alone in a collective."""
+    if is_distributed():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = errors[0]
+    if error:
+        raise UserError(error)
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """In place: the mean over ranks (one all_reduce); identity with one process. Returns x."""
     if is_distributed():
@@ -686,12 +696,7 @@ def lock_run_folder(out_dir: str) -> None:
                 print(f"warning: {out_dir} does not support file locks; a second job on it would not be detected")
             else:
                 error = f"--out-dir {out_dir} is not writable ({e.strerror})"
-    if is_distributed():
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = errors[0]
-    if error:
-        raise UserError(error)
+    raise_on_every_rank(error)
 
 
 RUN_LOCK = None
@@ -909,7 +914,8 @@ class StepTail:
     def __init__(self, args, run: Run, steps_per_epoch: int, metrics: MetricsLog, checkpoint_state, knn_sets,
                  backbone: nn.Module, autocast, log_values=dict):
         self.args, self.run, self.steps_per_epoch, self.metrics = args, run, steps_per_epoch, metrics
-        self.checkpoint_state, self.knn_sets, self.backbone, self.autocast = checkpoint_state, knn_sets, backbone, autocast
+        self.checkpoint_state, self.knn_sets = checkpoint_state, knn_sets
+        self.backbone, self.autocast = backbone, autocast
         self.log_values, self.names, self.sums = log_values, None, None
         self.window_start, self.record, self.stopped, self.signal = time.perf_counter(), None, False, 0
 
@@ -945,17 +951,13 @@ class StepTail:
                 save_checkpoint(path, state)
             except UserError as e:
                 error = str(e)
-        if is_distributed():
-            errors = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, error)
-            error = errors[0]
-        if error:
-            raise UserError(error)
+        raise_on_every_rank(error)
 
     def log(self, epoch: int, done: int, step: int, fields: dict) -> dict:
         *totals, steps = all_reduce_mean(self.sums.clone()).tolist()
+        seconds = time.perf_counter() - self.window_start
         record = {"epoch": epoch, "step": step, **fields, **{k: t / steps for k, t in zip(self.names, totals)},
-                  **self.log_values(), "img_per_s": steps * self.args.batch_size / (time.perf_counter() - self.window_start)}
+                  **self.log_values(), "img_per_s": steps * self.args.batch_size / seconds}
         if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
             bad = os.path.join(self.args.out_dir, f"nonfinite_step{step}.pt")  # last.pt stays the last good state
             self.save(bad, self.checkpoint_state(epoch, done))
@@ -1056,7 +1058,8 @@ def check_ranges(args, ranges: dict) -> None:
             good = value > float(bound) if op == ">" else value >= float(bound)
         else:
             low, high = (float(x) for x in rule[1:-1].split(","))
-            good = (value >= low if rule[0] == "[" else value > low) and (value <= high if rule[-1] == "]" else value < high)
+            above = value >= low if rule[0] == "[" else value > low
+            good = above and (value <= high if rule[-1] == "]" else value < high)
         if not (good and math.isfinite(value)):
             raise UserError(f"--{name.replace('_', '-')} {value} is out of range: it must be {rule}")
 # <<< shared: entry

@@ -100,7 +100,8 @@ class Args:
     # --- data -------------------------------------------------------------------------------------
     dataset: Literal["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"] = "imagefolder"
     """imagefolder: --data holds train/ and val/ (or test/) class folders (ImageNet layout); cifar10, cifar100,
-    stl10: torchvision's files under --data (downloaded there if missing and the network allows); synthetic: fake images"""
+    stl10: torchvision's files under --data (downloaded there if missing and the network allows);
+    synthetic: fake images"""
     data: Optional[str] = None
     """root folder of the dataset (--dataset imagefolder, cifar10, cifar100, stl10)"""
     synthetic_images: int = 256
@@ -335,7 +336,8 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, w
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     shard = Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
+                        pin_memory=device.type == "cuda", generator=torch.Generator(),
+                        worker_init_fn=ignore_stop_signals)
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=device)
@@ -837,6 +839,16 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def raise_on_every_rank(error: Optional[str]) -> None:
+    """Rank 0's error message (or None) becomes a UserError on every rank: no rank waits alone in a collective."""
+    if is_distributed():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = errors[0]
+    if error:
+        raise UserError(error)
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """In place: the mean over ranks (one all_reduce); identity with one process. Returns x."""
     if is_distributed():
@@ -933,12 +945,7 @@ def lock_run_folder(out_dir: str) -> None:
                 print(f"warning: {out_dir} does not support file locks; a second job on it would not be detected")
             else:
                 error = f"--out-dir {out_dir} is not writable ({e.strerror})"
-    if is_distributed():
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = errors[0]
-    if error:
-        raise UserError(error)
+    raise_on_every_rank(error)
 
 
 RUN_LOCK = None
@@ -1112,7 +1119,8 @@ def check_ranges(args, ranges: dict) -> None:
             good = value > float(bound) if op == ">" else value >= float(bound)
         else:
             low, high = (float(x) for x in rule[1:-1].split(","))
-            good = (value >= low if rule[0] == "[" else value > low) and (value <= high if rule[-1] == "]" else value < high)
+            above = value >= low if rule[0] == "[" else value > low
+            good = above and (value <= high if rule[-1] == "]" else value < high)
         if not (good and math.isfinite(value)):
             raise UserError(f"--{name.replace('_', '-')} {value} is out of range: it must be {rule}")
 # <<< shared: entry

@@ -1,7 +1,8 @@
 """MoCo v2 + CO2: momentum contrast with a consistency regulariser, in one file.
 
 Papers   MoCo v2 "Improved Baselines with Momentum Contrastive Learning", Chen, Fan, Girshick, He, arXiv 2003.04297
-         CO2 "Consistent Contrast for Unsupervised Visual Representation Learning", Wei et al., ICLR 2021, arXiv 2010.02217
+         CO2 "Consistent Contrast for Unsupervised Visual Representation Learning", Wei et al., ICLR 2021,
+         arXiv 2010.02217
 Defaults = the official MoCo v2 recipe (facebookresearch/moco @ 78b69ca: --mlp --moco-t 0.2 --aug-plus --cos).
 CO2 has no official code; it is implemented from the paper's definition.
 
@@ -79,7 +80,8 @@ class Args:
     # --- data -------------------------------------------------------------------------------------
     dataset: Literal["imagefolder", "cifar10", "cifar100", "stl10", "synthetic"] = "imagefolder"
     """imagefolder: --data holds train/ and val/ (or test/) class folders (ImageNet layout); cifar10, cifar100,
-    stl10: torchvision's files under --data (downloaded there if missing and the network allows); synthetic: fake images"""
+    stl10: torchvision's files under --data (downloaded there if missing and the network allows);
+    synthetic: fake images"""
     data: Optional[str] = None
     """root folder of the dataset (--dataset imagefolder, cifar10, cifar100, stl10)"""
     synthetic_images: int = 256
@@ -419,6 +421,16 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def raise_on_every_rank(error: Optional[str]) -> None:
+    """Rank 0's error message (or None) becomes a UserError on every rank: no rank waits alone in a collective."""
+    if is_distributed():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = errors[0]
+    if error:
+        raise UserError(error)
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """In place: the mean over ranks (one all_reduce); identity with one process. Returns x."""
     if is_distributed():
@@ -591,12 +603,7 @@ def lock_run_folder(out_dir: str) -> None:
                 print(f"warning: {out_dir} does not support file locks; a second job on it would not be detected")
             else:
                 error = f"--out-dir {out_dir} is not writable ({e.strerror})"
-    if is_distributed():
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = errors[0]
-    if error:
-        raise UserError(error)
+    raise_on_every_rank(error)
 
 
 RUN_LOCK = None
@@ -814,7 +821,8 @@ class StepTail:
     def __init__(self, args, run: Run, steps_per_epoch: int, metrics: MetricsLog, checkpoint_state, knn_sets,
                  backbone: nn.Module, autocast, log_values=dict):
         self.args, self.run, self.steps_per_epoch, self.metrics = args, run, steps_per_epoch, metrics
-        self.checkpoint_state, self.knn_sets, self.backbone, self.autocast = checkpoint_state, knn_sets, backbone, autocast
+        self.checkpoint_state, self.knn_sets = checkpoint_state, knn_sets
+        self.backbone, self.autocast = backbone, autocast
         self.log_values, self.names, self.sums = log_values, None, None
         self.window_start, self.record, self.stopped, self.signal = time.perf_counter(), None, False, 0
 
@@ -850,17 +858,13 @@ class StepTail:
                 save_checkpoint(path, state)
             except UserError as e:
                 error = str(e)
-        if is_distributed():
-            errors = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, error)
-            error = errors[0]
-        if error:
-            raise UserError(error)
+        raise_on_every_rank(error)
 
     def log(self, epoch: int, done: int, step: int, fields: dict) -> dict:
         *totals, steps = all_reduce_mean(self.sums.clone()).tolist()
+        seconds = time.perf_counter() - self.window_start
         record = {"epoch": epoch, "step": step, **fields, **{k: t / steps for k, t in zip(self.names, totals)},
-                  **self.log_values(), "img_per_s": steps * self.args.batch_size / (time.perf_counter() - self.window_start)}
+                  **self.log_values(), "img_per_s": steps * self.args.batch_size / seconds}
         if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
             bad = os.path.join(self.args.out_dir, f"nonfinite_step{step}.pt")  # last.pt stays the last good state
             self.save(bad, self.checkpoint_state(epoch, done))
@@ -961,7 +965,8 @@ def check_ranges(args, ranges: dict) -> None:
             good = value > float(bound) if op == ">" else value >= float(bound)
         else:
             low, high = (float(x) for x in rule[1:-1].split(","))
-            good = (value >= low if rule[0] == "[" else value > low) and (value <= high if rule[-1] == "]" else value < high)
+            above = value >= low if rule[0] == "[" else value > low
+            good = above and (value <= high if rule[-1] == "]" else value < high)
         if not (good and math.isfinite(value)):
             raise UserError(f"--{name.replace('_', '-')} {value} is out of range: it must be {rule}")
 # <<< shared: entry
