@@ -626,6 +626,14 @@ def lock_run_folder(out_dir: str) -> None:
     raise_on_every_rank(error)
 
 
+def unlock_run_folder() -> None:
+    """Releases the --out-dir lock at the end of a run (the kernel does it anyway when the process ends)."""
+    global RUN_LOCK
+    if RUN_LOCK is not None:
+        RUN_LOCK.close()
+        RUN_LOCK = None
+
+
 RUN_LOCK = None
 
 
@@ -912,6 +920,7 @@ class StepTail:
 
     def finish(self, step: int) -> None:
         """The last line; a run stopped by a signal exits with 128 + its number (non-zero, as if killed by it)."""
+        unlock_run_folder()
         if self.signal:
             raise SystemExit(128 + self.signal)
         if not self.stopped:

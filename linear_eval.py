@@ -948,6 +948,14 @@ def lock_run_folder(out_dir: str) -> None:
     raise_on_every_rank(error)
 
 
+def unlock_run_folder() -> None:
+    """Releases the --out-dir lock at the end of a run (the kernel does it anyway when the process ends)."""
+    global RUN_LOCK
+    if RUN_LOCK is not None:
+        RUN_LOCK.close()
+        RUN_LOCK = None
+
+
 RUN_LOCK = None
 
 

@@ -201,6 +201,14 @@ def test_nonsense_numbers_are_refused_before_anything_is_written(tmp_path, modul
     assert not out.exists()
 
 
+def test_a_finished_in_process_run_releases_its_folder(tmp_path):
+    """main() called in-process (as tests and notebooks do) unlocks --out-dir when it ends."""
+    out = tmp_path / "run"
+    moco_co2.main(tiny(out))
+    with open(out / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError if still held
+
+
 def test_stop_at_step_below_the_checkpoint_trains_nothing(tmp_path):
     out = tmp_path / "run"
     moco_co2.main(tiny(out, epochs=2, stop_at_step=3))
