@@ -198,12 +198,15 @@ def _torchvision_set(kind: str, root: Optional[str], split: str, transform) -> D
     except (RuntimeError, OSError, EOFError, ValueError):  # "Dataset not found or corrupted", a missing file
         dataset = None
     distributed = dist.is_available() and dist.is_initialized()
-    missing = [dataset is None]
-    if distributed:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, dataset is None)
-        missing = everyone
-    if not any(missing):
+
+    def everyone(value) -> list:  # every rank's value (one collective); [value] in one process
+        if not distributed:
+            return [value]
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+
+    if not any(everyone(dataset is None)):
         return dataset
     error = None
     if not distributed or dist.get_rank() == 0:
@@ -212,10 +215,7 @@ def _torchvision_set(kind: str, root: Optional[str], split: str, transform) -> D
             load(True)
         except Exception as e:  # noqa: BLE001 (no network, a full disk, a refused folder, ...)
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    if distributed:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = errors[0]
+    error = everyone(error)[0]  # rank 0's outcome, on every rank
     if error is not None:
         raise UserError(f"--dataset {kind}: no {folder}/ under {root} and the download failed ({error}); "
                         f"download it elsewhere with torchvision.datasets.{class_name}(ROOT, download=True) and "
