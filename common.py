@@ -19,9 +19,11 @@ Contents
     extract_features, knn_predict, knn_accuracy   weighted kNN (InstDisc rule, k=200, T=0.1 by default)
 """
 
+import math
 import os
 import signal
 import threading
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -135,6 +137,243 @@ def eval_transform(image_size: int) -> T.Compose:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Views: one description per augmented view, run by either executor (PIL in workers, or batched on the device)
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class View:
+    """One view's augmentation, always in this order (MoCo v2 / BYOL):
+        RandomResizedCrop(size, scale, ratio) -> ColorJitter(*jitter) with prob. jitter_p -> grayscale with prob.
+        gray_p -> Gaussian blur, sigma ~ U[blur_sigma], with prob. blur_p -> solarize (>= 128) with prob.
+        solarize_p -> horizontal flip with prob. flip_p -> normalise (ImageNet mean and std)
+    The values are set in each method file; this class only names them. `pil_pipeline` and `DeviceAugment`
+    both read the same View, so the two paths cannot drift apart."""
+    size: int                                  # output side, pixels
+    scale: tuple[float, float]                 # RandomResizedCrop area fraction range
+    jitter: tuple[float, float, float, float]  # ColorJitter brightness, contrast, saturation, hue
+    jitter_p: float
+    gray_p: float
+    blur_p: float                              # 0: no blur (the PIL pipeline then has no blur operator at all)
+    blur_sigma: tuple[float, float]
+    solarize_p: float                          # 0: no solarize operator
+    flip_p: float
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range: torchvision's default, all papers
+
+
+def pil_pipeline(view: View) -> T.Compose:
+    """The worker-side (PIL) pipeline of one view: torchvision's transforms plus GaussianBlur/Solarize above."""
+    ops = [T.RandomResizedCrop(view.size, scale=view.scale, ratio=view.ratio)]
+    if view.jitter_p > 0:
+        ops.append(T.RandomApply([T.ColorJitter(*view.jitter)], p=view.jitter_p))
+    if view.gray_p > 0:
+        ops.append(T.RandomGrayscale(p=view.gray_p))
+    if view.blur_p > 0:
+        ops.append(T.RandomApply([GaussianBlur(*view.blur_sigma)], p=view.blur_p))
+    if view.solarize_p > 0:
+        ops.append(T.RandomApply([Solarize(128)], p=view.solarize_p))
+    ops.append(T.RandomHorizontalFlip(p=view.flip_p))
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def pil_views(views: list) -> "MultiCrop":
+    """The worker-side transform of a list of views: one PIL image -> [view tensors], in order."""
+    return MultiCrop([pil_pipeline(view) for view in views])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The device executor: the same operators, batched, with per-sample random parameters, on float images in [0, 1].
+# Each operator follows torchvision's tensor semantics (tests/test_augment.py compares them with torchvision).
+# Random numbers come from the default generator of the images' device, which every checkpoint saves per rank.
+# ---------------------------------------------------------------------------------------------------
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's luma weights (ITU-R 601-2) for float tensors
+
+
+def uniform(n: int, low: float, high: float, device) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, device=device)
+
+
+def sample_crops(heights: torch.Tensor, widths: torch.Tensor, scale, ratio) -> tuple:
+    """RandomResizedCrop's sampler for every sample at once -> (top, left, height, width), float [N] each.
+
+    As torchvision: up to 10 tries of area ~ U[scale] x image area and log aspect ~ U[log ratio]; side lengths
+    are rounded (half to even, like Python's round); the first try that fits the image wins, and its corner is
+    uniform over the valid positions. When no try fits, the whole image is taken, cut to the nearest allowed
+    aspect ratio and centred. heights, widths: [N] image sizes (float)."""
+    n, device = heights.shape[0], heights.device
+    area = (heights * widths)[:, None]
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, 10, device=device))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, 10, device=device))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
+    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first fitting try (0 when none fits)
+    found = fits.any(dim=1)
+    # the fallback: the largest centred crop with an aspect ratio inside `ratio`
+    in_ratio = widths / heights
+    fb_w = torch.where(in_ratio > ratio[1], torch.round(heights * ratio[1]), widths)
+    fb_h = torch.where(in_ratio < ratio[0], torch.round(widths / ratio[0]), heights)
+    w = torch.where(found, w.gather(1, first).squeeze(1), fb_w)
+    h = torch.where(found, h.gather(1, first).squeeze(1), fb_h)
+    top = torch.where(found, torch.floor(torch.rand(n, device=device) * (heights - h + 1)),
+                      torch.floor((heights - h) / 2))
+    left = torch.where(found, torch.floor(torch.rand(n, device=device) * (widths - w + 1)),
+                       torch.floor((widths - w) / 2))
+    return top, left, h, w
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """[N, out_size, in_size] rows that resample pixels [start, start + length) of a line to out_size pixels.
+
+    This is PIL's (and torchvision's antialiased) bilinear resize: output pixel x is centred at
+    c = start + (x + 0.5) * length / out_size and averages the input pixels j of the crop with triangle weights
+    max(0, 1 - |j + 0.5 - c| / s), normalised to sum 1, where s = max(1, length / out_size): when shrinking, the
+    triangle widens to cover every input pixel (anti-aliasing); when enlarging it is plain linear interpolation."""
+    step = (length / out_size)[:, None, None]  # input pixels per output pixel
+    centre = start[:, None, None] + (torch.arange(out_size, device=start.device) + 0.5)[None, :, None] * step
+    pos = (torch.arange(in_size, device=start.device) + 0.5)[None, None, :]  # input pixel centres
+    weights = (1 - (pos - centre).abs() / step.clamp(min=1)).clamp(min=0)
+    inside = (pos > start[:, None, None]) & (pos < (start + length)[:, None, None])  # the crop only
+    weights = weights * inside
+    return weights / weights.sum(dim=2, keepdim=True)
+
+
+def resized_crop(images: torch.Tensor, top, left, h, w, size: int) -> torch.Tensor:
+    """Crop box (top, left, h, w) of each image, resized to size x size: out = Wy @ image @ Wxᵀ per channel.
+    images: [N, 3, H, W] float; the box values are [N] float tensors (no host sync)."""
+    wy = resample_weights(top, h, images.shape[2], size)   # [N, size, H]
+    wx = resample_weights(left, w, images.shape[3], size)  # [N, size, W]
+    return wy[:, None] @ images @ wx.transpose(1, 2)[:, None]  # [N, 3, size, size]
+
+
+def per_sample(x: torch.Tensor) -> torch.Tensor:
+    """[N] -> [N, 1, 1, 1], to broadcast one value per sample over an image batch."""
+    return x[:, None, None, None]
+
+
+def blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """factor * a + (1 - factor) * b, clamped to [0, 1] (torchvision's blend; factor [N])."""
+    factor = per_sample(factor)
+    return (factor * a + (1.0 - factor) * b).clamp(0, 1)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma [N, 1, H, W] of RGB images [N, 3, H, W]."""
+    return (GRAY_WEIGHTS[0] * x[:, 0] + GRAY_WEIGHTS[1] * x[:, 1] + GRAY_WEIGHTS[2] * x[:, 2]).unsqueeze(1)
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of each image by shift [N] (in turns, within [-0.5, 0.5]); saturation and value kept.
+
+    RGB -> HSV: v = max, c = max - min, s = c / v, h = (sector offset + signed distance) / 6 mod 1, where the
+    sector is the channel holding the max (r: (g - b) / c, g: 2 + (b - r) / c, b: 4 + (r - g) / c).
+    HSV -> RGB: channel n (r: 5, g: 3, b: 1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6."""
+    r, g, b = x.unbind(dim=1)
+    v = x.amax(dim=1)
+    c = v - x.amin(dim=1)
+    safe_c = torch.where(c > 0, c, torch.ones_like(c))
+    hue = torch.where(v == r, (g - b) / safe_c, torch.where(v == g, 2.0 + (b - r) / safe_c, 4.0 + (r - g) / safe_c))
+    hue = torch.where(c > 0, hue, torch.zeros_like(hue))
+    hue = torch.remainder(hue / 6.0 + shift[:, None, None], 1.0)
+    sat = c / torch.where(v > 0, v, torch.ones_like(v))
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(n + 6.0 * hue, 6.0)
+        out.append(v - v * sat * torch.minimum(k, 4.0 - k).clamp(0, 1))
+    return torch.stack(out, dim=1)
+
+
+def color_jitter(x: torch.Tensor, jitter: tuple) -> torch.Tensor:
+    """ColorJitter with per-sample factors AND a per-sample random order of its four operations, as torchvision
+    draws them for each image: brightness, contrast, saturation ~ U[max(0, 1 - j), 1 + j], hue ~ U[-j, j].
+    Brightness, contrast and saturation all blend the image with a target (black, the image's mean luma, its
+    luma), so each of the 4 steps makes one blend, with each sample's own target, and one hue rotation for the
+    samples whose operation at that step is hue. A jitter value of 0 leaves that operation out, as torchvision."""
+    n, device = x.shape[0], x.device
+    factors = torch.stack([uniform(n, max(0.0, 1 - j), 1 + j, device) for j in jitter[:3]]
+                          + [uniform(n, -jitter[3], jitter[3], device)], dim=1)  # [N, 4]
+    order = torch.rand(n, 4, device=device).argsort(dim=1)  # a uniform random permutation per sample
+    in_use = torch.tensor([float(j > 0) for j in jitter], device=device)  # 0: the operation is off
+    for step in range(4):
+        op = order[:, step]
+        luma = grayscale(x)
+        target = torch.where(per_sample(op == 0), torch.zeros_like(luma),
+                             torch.where(per_sample(op == 1), luma.mean(dim=(1, 2, 3), keepdim=True), luma))
+        factor = factors.gather(1, order[:, step:step + 1]).squeeze(1)  # this step's operation's factor
+        factor = torch.where((in_use[op] > 0) & (op != 3), factor, torch.ones_like(factor))  # 1: blend = identity
+        out = blend(x, target, factor)
+        if jitter[3] > 0:
+            out = torch.where(per_sample(op == 3), shift_hue(x, factors[:, 3]), out)
+        x = out
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> torch.Tensor:
+    """Separable Gaussian blur with each sample's own sigma [N]; reflect padding, as torchvision's gaussian_blur.
+    Kernel: 2 ceil(3 sigma_max) + 1 taps (fewer when the image is smaller), exp(-t² / 2σ²) normalised to sum 1."""
+    n, c, height, width = x.shape
+    half = min(math.ceil(3 * sigma_max), height - 1, width - 1)
+    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [N*3, taps]
+    y = F.pad(x.reshape(1, n * c, height, width), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)  # rows
+    y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)  # columns
+    return y.reshape(n, c, height, width)
+
+
+class DeviceAugment:
+    """Runs a list of Views on a batch of uint8 images, on the images' device -> [normalised float32 views].
+
+    Same operators, order, probabilities and parameter distributions as `pil_pipeline`, with each sample's
+    parameters drawn independently. Differences from the PIL path (measured in tests/test_augment.py and
+    docs/augment.md): values stay float between operators (PIL rounds to uint8 after each), the luma weights
+    are torchvision's tensor ones (0.2989, 0.587, 0.114; PIL: 0.299, 0.587, 0.114), and the blur is an exact
+    Gaussian where PIL approximates it with box filters."""
+
+    def __init__(self, views: list):
+        self.views = list(views)
+
+    def __call__(self, images) -> list:
+        """images: uint8 [N, 3, H, W], or a list of uint8 [3, H_i, W_i] (decoded files of different sizes)."""
+        return [self.view(images, view) for view in self.views]
+
+    def view(self, images, view: View) -> torch.Tensor:
+        if torch.is_tensor(images):
+            device, n = images.device, images.shape[0]
+            sizes = torch.tensor(images.shape[2:], device=device, dtype=torch.float32).expand(n, 2)
+        else:
+            device, n = images[0].device, len(images)
+            sizes = torch.tensor([im.shape[1:] for im in images], dtype=torch.float32).to(device)
+        top, left, h, w = sample_crops(sizes[:, 0], sizes[:, 1], view.scale, view.ratio)
+        if torch.is_tensor(images):
+            x = resized_crop(images.float() / 255, top, left, h, w, view.size)
+        else:  # images of one size are cropped together; the results go back to their places in the batch
+            x = torch.empty(n, 3, view.size, view.size, device=device)
+            groups = {}
+            for i, im in enumerate(images):
+                groups.setdefault(tuple(im.shape), []).append(i)
+            for members in groups.values():
+                index = torch.tensor(members, device=device)
+                batch = torch.stack([images[i] for i in members]).float() / 255
+                x[index] = resized_crop(batch, top[index], left[index], h[index], w[index], view.size)
+        if view.jitter_p > 0:
+            x = torch.where(per_sample(torch.rand(n, device=device) < view.jitter_p), color_jitter(x, view.jitter), x)
+        if view.gray_p > 0:
+            x = torch.where(per_sample(torch.rand(n, device=device) < view.gray_p), grayscale(x).expand_as(x), x)
+        if view.blur_p > 0:
+            sigma = uniform(n, view.blur_sigma[0], view.blur_sigma[1], device)
+            x = torch.where(per_sample(torch.rand(n, device=device) < view.blur_p),
+                            gaussian_blur(x, sigma, view.blur_sigma[1]), x)
+        if view.solarize_p > 0:
+            solarized = torch.where(x >= 128 / 255, 1.0 - x, x)
+            x = torch.where(per_sample(torch.rand(n, device=device) < view.solarize_p), solarized, x)
+        x = torch.where(per_sample(torch.rand(n, device=device) < view.flip_p), x.flip(3), x)
+        mean = torch.tensor(IMAGENET_MEAN, device=device)[None, :, None, None]
+        std = torch.tensor(IMAGENET_STD, device=device)[None, :, None, None]
+        return ((x - mean) / std).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------------
 class SyntheticImages(Dataset):
@@ -157,13 +396,17 @@ class SyntheticImages(Dataset):
         return self.num_images
 
     def __getitem__(self, index: int):
+        pil = self.render(index)
+        return (self.transform(pil) if self.transform is not None else pil), index % len(self.classes)
+
+    def render(self, index: int) -> Image.Image:
+        """Image `index` as PIL RGB, before any transform."""
         label = index % len(self.classes)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         shift = torch.randint(-self.image_size // 4, self.image_size // 4 + 1, (2,), generator=g)
         img = torch.roll(self.patterns[label], shifts=(int(shift[0]), int(shift[1])), dims=(1, 2))
         img = (img + 0.15 * torch.randn(img.shape, generator=g)).clamp(0, 1)
-        pil = Image.fromarray((img * 255).round().byte().permute(1, 2, 0).numpy(), mode="RGB")
-        return (self.transform(pil) if self.transform is not None else pil), label
+        return Image.fromarray((img * 255).round().byte().permute(1, 2, 0).numpy(), mode="RGB")
 
 
 def _checked_pil_loader(path: str) -> Image.Image:
@@ -324,9 +567,11 @@ class ResumableSampler(DistributedSampler):
 
 
 def make_loader(dataset, batch_per_rank: int, rank: int, world: int, workers: int, seed: int,
-                shuffle: bool = True, pin_memory: bool = True) -> DataLoader:
+                shuffle: bool = True, pin_memory: bool = True, device_views: Optional[list] = None,
+                device: Optional[torch.device] = None):
     """Training loader: ResumableSampler (call `loader.sampler.set_epoch(e)` every epoch), drop_last,
     pinned memory, persistent workers, prefetch 4 batches per worker.
+    With `device_views` (--augment-on device): a DeviceLoader that augments those views on `device` instead.
 
     The loader gets its own generator so creating an iterator does not consume the global torch RNG:
     with workers=0 a resumed run then draws exactly the augmentations of an uninterrupted one.
@@ -334,6 +579,8 @@ def make_loader(dataset, batch_per_rank: int, rank: int, world: int, workers: in
     if len(dataset) < batch_per_rank * world:
         raise UserError(f"the dataset has {len(dataset)} images, fewer than one global batch "
                         f"({batch_per_rank * world}); lower --batch-size")
+    if device_views is not None:
+        return DeviceLoader(dataset, device_views, batch_per_rank, rank, world, workers, seed, device)
     sampler = ResumableSampler(dataset, world, rank, batch_per_rank, seed, shuffle)
     return DataLoader(
         dataset, batch_size=batch_per_rank, sampler=sampler, num_workers=workers, drop_last=True,
@@ -341,6 +588,106 @@ def make_loader(dataset, batch_per_rank: int, rank: int, world: int, workers: in
         prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed + rank),
         worker_init_fn=ignore_stop_signals,
     )
+
+
+class EncodedFiles(Dataset):
+    """An ImageFolder's files as raw bytes (uint8 1-D tensors) with their labels: what workers do when decoding
+    happens on the device (--augment-on device with --dataset imagefolder)."""
+
+    def __init__(self, folder):
+        self.samples = folder.samples  # [(path, label)]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            return torchvision.io.read_file(path), label, path
+        except Exception as e:  # noqa: BLE001 (unreadable file: name it)
+            raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def as_lists(batch: list) -> tuple:
+    """collate_fn for EncodedFiles: files differ in length, so keep lists (data, labels tensor, paths)."""
+    data, labels, paths = zip(*batch)
+    return list(data), torch.tensor(labels), list(paths)
+
+
+def decode_images(data: list, paths: list, device: torch.device) -> list:
+    """Decodes a batch of encoded files to RGB uint8 [3, H_i, W_i] on `device`. JPEGs are decoded as one batch
+    by torchvision.io.decode_jpeg (nvjpeg on CUDA); other formats (PNG, ...) by decode_image on the CPU. A file
+    that cannot be decoded is named in a UserError."""
+    rgb = torchvision.io.ImageReadMode.RGB
+    is_jpeg = [d.numel() > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8 for d in data]
+    out = [None] * len(data)
+    jpegs = [i for i, flag in enumerate(is_jpeg) if flag]
+    try:
+        if jpegs:
+            decoded = torchvision.io.decode_jpeg([data[i] for i in jpegs], mode=rgb, device=device)
+            for i, image in zip(jpegs, decoded):
+                out[i] = image
+        for i, flag in enumerate(is_jpeg):
+            if not flag:
+                out[i] = torchvision.io.decode_image(data[i], mode=rgb).to(device, non_blocking=True)
+    except Exception:  # noqa: BLE001 (a batch failed: find the file, one by one, and name it)
+        for d, path in zip(data, paths):
+            try:
+                torchvision.io.decode_image(d, mode=rgb)
+            except Exception as e:  # noqa: BLE001
+                raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        raise
+    return out
+
+
+def images_in_memory(dataset) -> Optional[tuple]:
+    """(uint8 images [N, 3, H, W], labels [N]) of a dataset held in memory: torchvision's CIFAR-10/100 and STL-10,
+    and SyntheticImages; None for an ImageFolder (files on disk)."""
+    if isinstance(dataset, (torchvision.datasets.CIFAR10, torchvision.datasets.CIFAR100)):  # data [N, H, W, 3]
+        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
+    if isinstance(dataset, torchvision.datasets.STL10):  # data [N, 3, H, W]
+        return torch.from_numpy(dataset.data).contiguous(), torch.from_numpy(dataset.labels).long()
+    if isinstance(dataset, SyntheticImages):
+        images = [T.functional.pil_to_tensor(dataset.render(i)) for i in range(len(dataset))]
+        return torch.stack(images), torch.tensor([i % len(dataset.classes) for i in range(len(dataset))])
+    return None
+
+
+class DeviceLoader:
+    """Training batches augmented on the training device (--augment-on device): yields ([views], labels) like the
+    PIL path's DataLoader, with the same ResumableSampler (same order, same mid-epoch restart).
+
+    In-memory datasets (CIFAR, STL-10, synthetic) live on the device as one uint8 tensor and batches are indexed
+    there: no worker processes, no copies per step. ImageFolder: `workers` processes only read files; decoding
+    (nvjpeg on CUDA) and augmentation happen on the device."""
+
+    def __init__(self, dataset, views: list, batch_per_rank: int, rank: int, world: int, workers: int, seed: int,
+                 device: torch.device):
+        self.sampler = ResumableSampler(dataset, world, rank, batch_per_rank, seed)
+        self.augment, self.device, self.batch = DeviceAugment(views), device, batch_per_rank
+        held = images_in_memory(dataset)
+        self.files = None
+        if held is not None:
+            self.images, self.labels = held[0].to(device), held[1].to(device)
+        else:
+            self.files = DataLoader(EncodedFiles(dataset), batch_size=batch_per_rank, sampler=self.sampler,
+                                    num_workers=workers, drop_last=True, collate_fn=as_lists,
+                                    persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                                    generator=torch.Generator().manual_seed(seed + rank),
+                                    worker_init_fn=ignore_stop_signals)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch
+
+    def __iter__(self):
+        if self.files is not None:
+            for data, labels, paths in self.files:
+                yield self.augment(decode_images(data, paths, self.device)), labels.to(self.device)
+            return
+        order = torch.tensor(list(self.sampler), device=self.device)  # this epoch's indices, one copy per epoch
+        for start in range(0, order.numel(), self.batch):
+            index = order[start:start + self.batch]
+            yield self.augment(self.images[index]), self.labels[index]
 
 
 def ignore_stop_signals(worker_id: int) -> None:
