@@ -47,7 +47,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 import tyro
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -55,8 +54,8 @@ from rich.table import Table
 from rich.text import Text
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, MultiCrop, TwoCrops, UserError, build_resnet,
-                    check_same_classes, eval_transform, knn_accuracy, make_dataset, make_loader)
+from common import (UserError, View, build_resnet, check_same_classes, eval_transform, knn_accuracy, make_dataset,
+                    make_loader, pil_views)
 
 METHOD = "adco"  # written into every checkpoint; --resume refuses checkpoints of other methods
 
@@ -83,6 +82,9 @@ class Args:
     """Gaussian blur (p = 0.5) in every crop's augmentation, as upstream; --no-blur for 32 px images (CIFAR)"""
     workers: int = 8
     """DataLoader worker processes per GPU process"""
+    augment_on: Literal["workers", "device"] = "workers"
+    """workers: PIL augmentation in DataLoader workers (the reference path); device: batched on the training device
+    from uint8 images (in-memory datasets stay on the device; ImageFolder JPEGs are decoded there), same views"""
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
     """backbone (torchvision, random init)"""
     small_stem: bool = False
@@ -291,21 +293,18 @@ class Encoder(nn.Module):
         return self.head(self.backbone(x))
 
 
-def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
+def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True) -> list[View]:
     """MoCo v2 "aug+" for every crop (main_worker.py L152-165, MultiCrop_Transform.py): 2 views, or [key crop, 5
     query crops] with --multi-crop. blur=False: no Gaussian blur (σ up to 2 px wipes out most of a 32 px CIFAR crop)."""
-    def pipeline(size: int, scale: tuple[float, float]) -> T.Compose:
-        return T.Compose([  # ColorJitter: brightness, contrast, saturation, hue; blur sigma ~ U[0.1, 2.0]
-            T.RandomResizedCrop(size, scale=scale), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2), *([T.RandomApply([GaussianBlur(0.1, 2.0)], p=0.5)] if blur else []),
-            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    def view(size: int, scale: tuple[float, float]) -> View:  # jitter: brightness, contrast, saturation, hue
+        return View(size=size, scale=scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
+                    blur_p=0.5 if blur else 0.0, blur_sigma=(0.1, 2.0), solarize_p=0.0, flip_p=0.5)
 
     if not multi_crop:
-        return TwoCrops(pipeline(image_size, (0.2, 1.0)))
-    key_crop = pipeline(image_size, (0.2, 1.0))
-    query_crops = [pipeline(max(1, round(image_size * size / 224)), (0.2 * size / 224, 1.0 * size / 224))
+        return [view(image_size, (0.2, 1.0))] * 2
+    query_crops = [view(max(1, round(image_size * size / 224)), (0.2 * size / 224, 1.0 * size / 224))
                    for size in QUERY_CROP_SIZES]
-    return MultiCrop([key_crop] + query_crops)
+    return [view(image_size, (0.2, 1.0))] + query_crops
 
 
 # ==== main =========================================================================================================
@@ -323,9 +322,11 @@ def main(args: Args) -> dict:
     device = run.device
     lr_peak, lr_final = args.lr * args.batch_size / 256, args.lr_final * args.batch_size / 256  # linear scaling rule
     # ---- 2. data: 2 views, or 1 key crop + 5 query crops; then the run folder (a data error leaves none)
-    train_set = make_dataset(args.dataset, args.data, "train", augmentations(args.image_size, args.multi_crop,
-                             args.blur), args.synthetic_images, args.image_size, args.seed)
-    loader = make_loader(train_set, run.batch_per_rank, run.rank, run.world, args.workers, args.seed)
+    views, on_device = augmentations(args.image_size, args.multi_crop, args.blur), args.augment_on == "device"
+    train_set = make_dataset(args.dataset, args.data, "train", None if on_device else pil_views(views),
+                             args.synthetic_images, args.image_size, args.seed)
+    loader = make_loader(train_set, run.batch_per_rank, run.rank, run.world, args.workers, args.seed,
+                         device_views=views if on_device else None, device=device)  # PIL in workers, or on device
     steps_per_epoch = len(loader.sampler) // run.batch_per_rank
     plan = crop_plan(args.sym, args.multi_crop)  # [(query crop, key crop, weight)]
     query_crops, key_crops = sorted({i for i, _, _ in plan}), sorted({j for _, j, _ in plan})  # f_q; f_k, ShuffleBN

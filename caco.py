@@ -48,7 +48,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 import tyro
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -56,8 +55,8 @@ from rich.table import Table
 from rich.text import Text
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, MultiCrop, Solarize, TwoCrops, UserError,
-                    build_resnet, check_same_classes, eval_transform, knn_accuracy, make_dataset, make_loader)
+from common import (UserError, View, build_resnet, check_same_classes, eval_transform, knn_accuracy, make_dataset,
+                    make_loader, pil_views)
 
 METHOD = "caco"  # written into every checkpoint; --resume refuses checkpoints of other methods
 
@@ -83,6 +82,9 @@ class Args:
     """Gaussian blur in the augmentation (upstream probabilities); --no-blur for 32 px images (CIFAR recipe)"""
     workers: int = 8
     """DataLoader worker processes per GPU process"""
+    augment_on: Literal["workers", "device"] = "workers"
+    """workers: PIL augmentation in DataLoader workers (the reference path); device: batched on the training device
+    from uint8 images (in-memory datasets stay on the device; ImageFolder JPEGs are decoded there), same views"""
     multi_crop: bool = False
     """2 big + 6 small crops, MoCo v2 augmentation, loss over all (query, key) pairs (the 800-epoch 75.7 % recipe)"""
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
@@ -307,26 +309,20 @@ class Encoder(nn.Module):
         return self.head(self.backbone(x))
 
 
-def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True):
+def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True) -> list[View]:
     """[view1, view2], or 2 big + 6 small crops (multi-crop; small = image_size x 96/224, so 32 px runs work).
     blur=False drops the Gaussian blur (32 px CIFAR recipe: σ up to 2 px wipes out most of a 32 px crop)."""
-    def pipeline(size, scale, jitter_hue_sat, blur_p, solarize_p):
-        ops = [T.RandomResizedCrop(size, scale=scale),
-               T.RandomApply([T.ColorJitter(0.4, 0.4, jitter_hue_sat, 0.1)], p=0.8),  # brightness, contrast, sat, hue
-               T.RandomGrayscale(p=0.2)]
-        if blur:
-            ops.append(T.RandomApply([GaussianBlur(0.1, 2.0)], p=blur_p))  # sigma ~ U[0.1, 2.0]
-        if solarize_p > 0:
-            ops.append(T.RandomApply([Solarize(128)], p=solarize_p))
-        return T.Compose(ops + [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    def view(size, scale, saturation, blur_p, solarize_p) -> View:  # jitter: brightness, contrast, saturation, hue
+        return View(size=size, scale=scale, jitter=(0.4, 0.4, saturation, 0.1), jitter_p=0.8, gray_p=0.2,
+                    blur_p=blur_p if blur else 0.0, blur_sigma=(0.1, 2.0), solarize_p=solarize_p, flip_p=0.5)
 
     if not multi_crop:  # asymmetric BYOL-style views
-        return TwoCrops(pipeline(image_size, (0.2, 1.0), 0.2, 1.0, 0.0),  # view 1: always blurred, no solarize
-                        pipeline(image_size, (0.2, 1.0), 0.2, 0.1, 0.2))  # view 2: rarely blurred, solarize 0.2
+        return [view(image_size, (0.2, 1.0), 0.2, 1.0, 0.0),  # view 1: always blurred, no solarize
+                view(image_size, (0.2, 1.0), 0.2, 0.1, 0.2)]  # view 2: rarely blurred, solarize 0.2
     small = max(1, round(image_size * 96 / 224))  # 96 px at 224
-    big_crop = pipeline(image_size, (0.14, 1.0), 0.4, 0.5, 0.0)  # MoCo v2 augmentation on every crop
-    small_crop = pipeline(small, (0.05, 0.14), 0.4, 0.5, 0.0)
-    return MultiCrop([big_crop] * 2 + [small_crop] * 6)
+    big_crop = view(image_size, (0.14, 1.0), 0.4, 0.5, 0.0)  # MoCo v2 augmentation on every crop
+    small_crop = view(small, (0.05, 0.14), 0.4, 0.5, 0.0)
+    return [big_crop] * 2 + [small_crop] * 6
 
 
 def main(args: Args) -> dict:
@@ -336,10 +332,12 @@ def main(args: Args) -> dict:
     device = run.device
     lr_peak, lr_final = args.lr * args.batch_size / 256, args.lr_final * args.batch_size / 256  # lr per 256 images
     init_lr = (args.init_lr if args.init_lr is not None else args.lr) * args.batch_size / 256
-    augment = augmentations(args.image_size, args.multi_crop, args.blur)  # asymmetric views, or 2 + 6 crops
-    train_set = make_dataset(args.dataset, args.data, "train", augment, args.synthetic_images, args.image_size,
-                             args.seed)
-    loader = make_loader(train_set, run.batch_per_rank, run.rank, run.world, args.workers, args.seed)
+    views = augmentations(args.image_size, args.multi_crop, args.blur)  # asymmetric views, or 2 + 6 crops
+    on_device = args.augment_on == "device"  # augment in workers (PIL), or batched on the device
+    train_set = make_dataset(args.dataset, args.data, "train", None if on_device else pil_views(views),
+                             args.synthetic_images, args.image_size, args.seed)
+    loader = make_loader(train_set, run.batch_per_rank, run.rank, run.world, args.workers, args.seed,
+                         device_views=views if on_device else None, device=device)
     steps_per_epoch = len(loader.sampler) // run.batch_per_rank
     pairs = crop_pairs(2, 6 if args.multi_crop else 0)  # (query crop, key crop, weight)
     knn_sets = make_knn_sets(args, run.console)

@@ -282,53 +282,92 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
-def color_jitter(x: torch.Tensor, jitter: tuple) -> torch.Tensor:
-    """ColorJitter with per-sample factors AND a per-sample random order of its four operations, as torchvision
-    draws them for each image: brightness, contrast, saturation ~ U[max(0, 1 - j), 1 + j], hue ~ U[-j, j].
-    Brightness, contrast and saturation all blend the image with a target (black, the image's mean luma, its
-    luma), so each of the 4 steps makes one blend, with each sample's own target, and one hue rotation for the
-    samples whose operation at that step is hue. A jitter value of 0 leaves that operation out, as torchvision."""
-    n, device = x.shape[0], x.device
-    factors = torch.stack([uniform(n, max(0.0, 1 - j), 1 + j, device) for j in jitter[:3]]
-                          + [uniform(n, -jitter[3], jitter[3], device)], dim=1)  # [N, 4]
-    order = torch.rand(n, 4, device=device).argsort(dim=1)  # a uniform random permutation per sample
-    in_use = torch.tensor([float(j > 0) for j in jitter], device=device)  # 0: the operation is off
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """ColorJitter with per-sample factors [N, 4] (brightness, contrast, saturation, hue) applied in a per-sample
+    order [N, 4] (a permutation of 0..3), as torchvision does for each image. Brightness, contrast and
+    saturation all blend the image with a target (black, the image's mean luma, its luma), so each of the 4
+    steps makes one blend, with each sample's own target, plus one hue rotation for the samples whose operation
+    at that step is hue. A factor of 1 (0 for hue) leaves the image unchanged."""
     for step in range(4):
         op = order[:, step]
         luma = grayscale(x)
         target = torch.where(per_sample(op == 0), torch.zeros_like(luma),
                              torch.where(per_sample(op == 1), luma.mean(dim=(1, 2, 3), keepdim=True), luma))
         factor = factors.gather(1, order[:, step:step + 1]).squeeze(1)  # this step's operation's factor
-        factor = torch.where((in_use[op] > 0) & (op != 3), factor, torch.ones_like(factor))  # 1: blend = identity
-        out = blend(x, target, factor)
-        if jitter[3] > 0:
-            out = torch.where(per_sample(op == 3), shift_hue(x, factors[:, 3]), out)
-        x = out
+        x_next = blend(x, target, torch.where(op == 3, torch.ones_like(factor), factor))  # 1: identity
+        x = torch.where(per_sample(op == 3), shift_hue(x, factors[:, 3]), x_next)
     return x
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float) -> torch.Tensor:
-    """Separable Gaussian blur with each sample's own sigma [N]; reflect padding, as torchvision's gaussian_blur.
-    Kernel: 2 ceil(3 sigma_max) + 1 taps (fewer when the image is smaller), exp(-t² / 2σ²) normalised to sum 1."""
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, half: int) -> torch.Tensor:
+    """Separable Gaussian blur with each sample's own sigma [N] and 2 half + 1 taps exp(-t² / 2σ²), normalised
+    to sum 1; reflect padding. The same as torchvision's gaussian_blur with that kernel size, per sample."""
     n, c, height, width = x.shape
-    half = min(math.ceil(3 * sigma_max), height - 1, width - 1)
     t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [N*3, taps]
     y = F.pad(x.reshape(1, n * c, height, width), (half, half, half, half), mode="reflect")
-    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)  # rows
-    y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)  # columns
+    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)  # along rows
+    y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)  # along columns
     return y.reshape(n, c, height, width)
+
+
+def blur_half_width(view: View) -> int:
+    """Kernel half-width: 3 sigma_max (the Gaussian beyond holds 0.3 % of its mass), less for tiny crops (reflect
+    padding needs half < size)."""
+    return max(1, min(math.ceil(3 * view.blur_sigma[1]), view.size - 1))
+
+
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    """Inverts every value >= 128/255 (PIL's ImageOps.solarize(img, 128) on [0, 1] floats)."""
+    return torch.where(x >= 128 / 255, 1.0 - x, x)
+
+
+def draw_params(view: View, heights: torch.Tensor, widths: torch.Tensor) -> dict:
+    """Every random choice of one view for N images of sizes heights, widths ([N] float, on the device), drawn
+    at once from the device's default generator: the crop boxes, which operators apply (bool [N] each), the
+    jitter factors [N, 4] and orders [N, 4], and the blur sigmas [N]."""
+    n, device = heights.shape[0], heights.device
+    top, left, h, w = sample_crops(heights, widths, view.scale, view.ratio)
+
+    def coin(p: float) -> torch.Tensor:
+        return torch.rand(n, device=device) < p
+
+    jitter = [(max(0.0, 1 - j), 1 + j) for j in view.jitter[:3]] + [(-view.jitter[3], view.jitter[3])]
+    return {"top": top, "left": left, "height": h, "width": w,
+            "jitter": coin(view.jitter_p),
+            "factors": torch.stack([uniform(n, lo, hi, device) for lo, hi in jitter], dim=1),
+            "order": torch.rand(n, 4, device=device).argsort(dim=1),  # a uniform random permutation per sample
+            "gray": coin(view.gray_p), "blur": coin(view.blur_p),
+            "sigma": uniform(n, view.blur_sigma[0], view.blur_sigma[1], device),
+            "solarize": coin(view.solarize_p), "flip": coin(view.flip_p)}
+
+
+def apply_view(x: torch.Tensor, view: View, params: dict) -> torch.Tensor:
+    """The operators after the crop, on float images [N, 3, size, size] in [0, 1], with the drawn params;
+    returns the normalised view. An operator whose probability is 0 is skipped (its draws are unused)."""
+    if view.jitter_p > 0:
+        x = torch.where(per_sample(params["jitter"]), color_jitter(x, params["factors"], params["order"]), x)
+    if view.gray_p > 0:
+        x = torch.where(per_sample(params["gray"]), grayscale(x).expand_as(x), x)
+    if view.blur_p > 0:
+        x = torch.where(per_sample(params["blur"]), gaussian_blur(x, params["sigma"], blur_half_width(view)), x)
+    if view.solarize_p > 0:
+        x = torch.where(per_sample(params["solarize"]), solarize(x), x)
+    x = torch.where(per_sample(params["flip"]), x.flip(3), x)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device)[None, :, None, None]
+    return ((x - mean) / std).contiguous()
 
 
 class DeviceAugment:
     """Runs a list of Views on a batch of uint8 images, on the images' device -> [normalised float32 views].
 
-    Same operators, order, probabilities and parameter distributions as `pil_pipeline`, with each sample's
-    parameters drawn independently. Differences from the PIL path (measured in tests/test_augment.py and
-    docs/augment.md): values stay float between operators (PIL rounds to uint8 after each), the luma weights
-    are torchvision's tensor ones (0.2989, 0.587, 0.114; PIL: 0.299, 0.587, 0.114), and the blur is an exact
-    Gaussian where PIL approximates it with box filters."""
+    Same operators, order, probabilities and parameter distributions as `pil_pipeline`, each sample's
+    parameters drawn independently. Differences from the PIL path (measured in tests/test_augment.py, listed
+    in docs/augment.md): values stay float between operators (PIL rounds to uint8 after each), the luma
+    weights are torchvision's tensor ones (0.2989, 0.587, 0.114; PIL: 0.299, 0.587, 0.114), and the blur is an
+    exact Gaussian where PIL approximates one with box filters."""
 
     def __init__(self, views: list):
         self.views = list(views)
@@ -344,33 +383,20 @@ class DeviceAugment:
         else:
             device, n = images[0].device, len(images)
             sizes = torch.tensor([im.shape[1:] for im in images], dtype=torch.float32).to(device)
-        top, left, h, w = sample_crops(sizes[:, 0], sizes[:, 1], view.scale, view.ratio)
+        p = draw_params(view, sizes[:, 0], sizes[:, 1])
         if torch.is_tensor(images):
-            x = resized_crop(images.float() / 255, top, left, h, w, view.size)
+            x = resized_crop(images.float() / 255, p["top"], p["left"], p["height"], p["width"], view.size)
         else:  # images of one size are cropped together; the results go back to their places in the batch
             x = torch.empty(n, 3, view.size, view.size, device=device)
             groups = {}
-            for i, im in enumerate(images):
-                groups.setdefault(tuple(im.shape), []).append(i)
+            for i, image in enumerate(images):
+                groups.setdefault(tuple(image.shape), []).append(i)
             for members in groups.values():
                 index = torch.tensor(members, device=device)
                 batch = torch.stack([images[i] for i in members]).float() / 255
-                x[index] = resized_crop(batch, top[index], left[index], h[index], w[index], view.size)
-        if view.jitter_p > 0:
-            x = torch.where(per_sample(torch.rand(n, device=device) < view.jitter_p), color_jitter(x, view.jitter), x)
-        if view.gray_p > 0:
-            x = torch.where(per_sample(torch.rand(n, device=device) < view.gray_p), grayscale(x).expand_as(x), x)
-        if view.blur_p > 0:
-            sigma = uniform(n, view.blur_sigma[0], view.blur_sigma[1], device)
-            x = torch.where(per_sample(torch.rand(n, device=device) < view.blur_p),
-                            gaussian_blur(x, sigma, view.blur_sigma[1]), x)
-        if view.solarize_p > 0:
-            solarized = torch.where(x >= 128 / 255, 1.0 - x, x)
-            x = torch.where(per_sample(torch.rand(n, device=device) < view.solarize_p), solarized, x)
-        x = torch.where(per_sample(torch.rand(n, device=device) < view.flip_p), x.flip(3), x)
-        mean = torch.tensor(IMAGENET_MEAN, device=device)[None, :, None, None]
-        std = torch.tensor(IMAGENET_STD, device=device)[None, :, None, None]
-        return ((x - mean) / std).contiguous()
+                x[index] = resized_crop(batch, *(p[key][index] for key in ("top", "left", "height", "width")),
+                                        view.size)
+        return apply_view(x, view, p)
 
 
 # ---------------------------------------------------------------------------------------------------

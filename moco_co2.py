@@ -51,7 +51,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 import tyro
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -59,8 +58,8 @@ from rich.table import Table
 from rich.text import Text
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, TwoCrops, UserError, build_resnet, check_same_classes,
-                    eval_transform, knn_accuracy, make_dataset, make_loader)
+from common import (UserError, View, build_resnet, check_same_classes, eval_transform, knn_accuracy, make_dataset,
+                    make_loader, pil_views)
 
 METHOD = "moco_co2"  # written into every checkpoint; --resume refuses checkpoints of other methods
 
@@ -92,6 +91,9 @@ class Args:
     """Gaussian blur (p = 0.5) in the augmentation, as MoCo v2; --no-blur for 32 px images (CIFAR recipe)"""
     workers: int = 8
     """DataLoader worker processes per GPU process"""
+    augment_on: Literal["workers", "device"] = "workers"
+    """workers: PIL augmentation in DataLoader workers (the reference path); device: batched on the training device
+    from uint8 images (in-memory datasets stay on the device; ImageFolder JPEGs are decoded there), same views"""
 
     # --- model ------------------------------------------------------------------------------------
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
@@ -233,19 +235,12 @@ def enqueue(queue: torch.Tensor, ptr: int, k_all: torch.Tensor) -> int:
     return (ptr + batch) % size
 
 
-def augmentations(image_size: int, blur: bool = True) -> TwoCrops:
-    """MoCo v2 "aug+": one random pipeline draws both views. blur=False (the 32 px CIFAR recipe, as MoCo's
+def augmentations(image_size: int, blur: bool = True) -> list[View]:
+    """MoCo v2 "aug+", the same random pipeline for both views. blur=False (the 32 px CIFAR recipe, as MoCo's
     CIFAR-10 demo): a blur of σ up to 2 px wipes out most of a 32 px crop."""
-    augmentation = T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # brightness, contrast, saturation, hue
-        T.RandomGrayscale(p=0.2),
-        *([T.RandomApply([GaussianBlur(0.1, 2.0)], p=0.5)] if blur else []),  # sigma ~ U[0.1, 2.0]
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    return TwoCrops(augmentation)
+    view = View(size=image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
+                blur_p=0.5 if blur else 0.0, blur_sigma=(0.1, 2.0), solarize_p=0.0, flip_p=0.5)
+    return [view, view]  # jitter: brightness, contrast, saturation, hue
 
 
 class Encoder(nn.Module):
@@ -275,9 +270,12 @@ def main(args: Args) -> dict:
     lr_peak = args.lr * args.batch_size / 256  # linear scaling rule: lr per 256 images
 
     # ---- 2. data (before the run folder: a data error leaves no empty folder behind) -------------------------
-    train_set = make_dataset(args.dataset, args.data, "train", augmentations(args.image_size, args.blur),
+    views = augmentations(args.image_size, args.blur)  # in workers (PIL), or batched on the device
+    on_device = args.augment_on == "device"
+    train_set = make_dataset(args.dataset, args.data, "train", None if on_device else pil_views(views),
                              args.synthetic_images, args.image_size, args.seed)
-    loader = make_loader(train_set, run.batch_per_rank, run.rank, run.world, args.workers, args.seed)
+    loader = make_loader(train_set, run.batch_per_rank, run.rank, run.world, args.workers, args.seed,
+                         device_views=views if on_device else None, device=device)
     steps_per_epoch = len(loader.sampler) // run.batch_per_rank
     knn_sets = make_knn_sets(args, run.console)
 

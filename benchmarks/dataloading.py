@@ -23,7 +23,7 @@ import torchvision.transforms as T
 import tyro
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import MultiCrop, make_dataset, make_loader  # noqa: E402
+from common import make_dataset, make_loader, pil_views  # noqa: E402
 
 
 @dataclass
@@ -56,14 +56,14 @@ def transform_for(name: str, image_size: int, blur: bool = True):
     script, _, variant = name.partition("-")
     module = importlib.import_module(script)
     if variant == "multi-crop":
-        return module.augmentations(image_size, multi_crop=True, blur=blur)
-    return module.augmentations(image_size, blur=blur)
+        return pil_views(module.augmentations(image_size, multi_crop=True, blur=blur))
+    return pil_views(module.augmentations(image_size, blur=blur))
 
 
 def time_operators(name: str, transform, dataset, images: int) -> dict:
     """µs per image spent in each operator (summed over the views; RandomApply counted with its probability,
     as in training) and in reading + decoding the JPEG, one process, one thread."""
-    views = transform.pipelines if isinstance(transform, MultiCrop) else [transform.first, transform.second]
+    views = transform.pipelines
     for i in range(50):  # warm-up: the first calls of some operators pay one-time set-up costs
         transform(dataset[i % len(dataset)][0])
     spent: dict[str, float] = {"read + decode JPEG": 0.0}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import tyro
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import make_dataset, make_loader  # noqa: E402
+from common import make_dataset, make_loader, pil_views  # noqa: E402
 
 
 @dataclass
@@ -78,7 +78,7 @@ def main(args: Args) -> dict:
     encoder_q, encoder_k = encoder(), encoder()
     encoder_q.load_state_dict(ckpt["encoder_q"])
     encoder_k.load_state_dict(ckpt["encoder_k"])
-    transform = m.augmentations(run["image_size"], blur=run.get("blur", True))
+    transform = pil_views(m.augmentations(run["image_size"], blur=run.get("blur", True)))
     dataset = make_dataset(run["dataset"], args.data or run["data"], "train", transform,
                            run["synthetic_images"], run["image_size"])
     loader = make_loader(dataset, run["batch_size"], 0, 1, workers=0, seed=args.seed, pin_memory=False)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import tyro
 
 import adco
-from common import UserError
+from common import UserError, pil_views
 from conftest import TINY, assert_state_equal, final_state, load, run_script, run_two_nodes, unit
 
 
@@ -164,14 +164,14 @@ def test_labels_fill_bank_init_logits_and_schedule():
 @pytest.mark.parametrize("image_size,sizes", [(224, [224, 224, 192, 160, 128, 96]), (32, [32, 32, 27, 23, 18, 14])])
 def test_multi_crop_views(image_size, sizes):
     from PIL import Image
-    transform = adco.augmentations(image_size, multi_crop=True)
+    transform = pil_views(adco.augmentations(image_size, multi_crop=True))
     views = transform(Image.new("RGB", (image_size + 8, image_size + 8)))
     assert [v.shape[-1] for v in views] == sizes
     scales = [p.transforms[0].scale for p in transform.pipelines]
     assert scales[0] == (0.2, 1.0)  # the key crop
     for scale, size in zip(scales[1:], [224, 192, 160, 128, 96]):
         assert scale == pytest.approx((0.2 * size / 224, size / 224))
-    assert len(adco.augmentations(image_size, multi_crop=False)(Image.new("RGB", (40, 40)))) == 2
+    assert len(pil_views(adco.augmentations(image_size, multi_crop=False))(Image.new("RGB", (40, 40)))) == 2
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import tyro
 
 import caco
-from common import UserError
+from common import UserError, pil_views
 from conftest import TINY, assert_state_equal, final_state, load, run_script, run_torchrun, unit
 
 
@@ -185,13 +185,13 @@ def test_multi_crop_pairs_weights_and_loss():
 
 def test_crops_and_their_sizes():
     img = caco.make_dataset("synthetic", None, "train", None, 4, 32)[0][0]
-    single = caco.augmentations(32, multi_crop=False)(img)
+    single = pil_views(caco.augmentations(32, multi_crop=False))(img)
     assert [tuple(v.shape) for v in single] == [(3, 32, 32)] * 2
-    multi = caco.augmentations(224, multi_crop=True)(img.resize((224, 224)))
+    multi = pil_views(caco.augmentations(224, multi_crop=True))(img.resize((224, 224)))
     assert [v.shape[-1] for v in multi] == [224] * 2 + [96] * 6
-    assert [v.shape[-1] for v in caco.augmentations(32, multi_crop=True)(img)] == [32] * 2 + [14] * 6
+    assert [v.shape[-1] for v in pil_views(caco.augmentations(32, multi_crop=True))(img)] == [32] * 2 + [14] * 6
     # the view pipelines of the single-crop recipe: blur 1.0 / 0.1, solarize none / 0.2
-    first, second = caco.augmentations(224, multi_crop=False).first, caco.augmentations(224, False).second
+    first, second = pil_views(caco.augmentations(224, multi_crop=False)).pipelines
     assert "Solarize" not in repr(first) and "Solarize" in repr(second)
     probs = lambda pipe: [t.p for t in pipe.transforms if type(t).__name__ == "RandomApply"]  # noqa: E731
     assert probs(first) == [0.8, 1.0] and probs(second) == [0.8, 0.1, 0.2]

@@ -11,7 +11,7 @@ from PIL import Image
 import adco
 import caco
 import moco_co2
-from common import IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, MultiCrop, TwoCrops, eval_transform
+from common import IMAGENET_MEAN, IMAGENET_STD, GaussianBlur, MultiCrop, TwoCrops, eval_transform, pil_views
 from conftest import ROOT, load, run_script, write_cifar10
 
 SCRIPTS = {"moco_co2.py", "adco.py", "caco.py", "linear_eval.py"}
@@ -56,11 +56,11 @@ def flatten(transform) -> list:
     return [transform]
 
 
-@pytest.mark.parametrize("make", [lambda b: moco_co2.augmentations(32, blur=b),
-                                  lambda b: adco.augmentations(32, False, blur=b),
-                                  lambda b: adco.augmentations(32, True, blur=b),
-                                  lambda b: caco.augmentations(32, False, blur=b),
-                                  lambda b: caco.augmentations(32, True, blur=b)],
+@pytest.mark.parametrize("make", [lambda b: pil_views(moco_co2.augmentations(32, blur=b)),
+                                  lambda b: pil_views(adco.augmentations(32, False, blur=b)),
+                                  lambda b: pil_views(adco.augmentations(32, True, blur=b)),
+                                  lambda b: pil_views(caco.augmentations(32, False, blur=b)),
+                                  lambda b: pil_views(caco.augmentations(32, True, blur=b))],
                          ids=["moco_co2", "adco", "adco-multi-crop", "caco", "caco-multi-crop"])
 def test_no_blur_removes_only_the_blur(make):
     with_blur, without = flatten(make(True)), flatten(make(False))
