@@ -22,7 +22,10 @@ import adco
 import caco
 import common as C
 import moco_co2
-from conftest import assert_state_equal, final_state, load, write_cifar10
+from conftest import assert_state_equal, final_state, load, run_script, write_cifar10
+
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work (docs/augment.md)
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 VIEW = C.View(size=24, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
               blur_sigma=(0.1, 2.0), solarize_p=0.2, flip_p=0.5)
@@ -275,3 +278,18 @@ def test_device_augmentation_trains_and_resumes_bitwise(tmp_path, module, size):
     assert load(tmp_path / "mid" / "last.pt")["next_batch"] == 3
     module.main(tiny(module, tmp_path / "mid", resume="auto", **size))
     assert_state_equal(final_state(tmp_path / "mid"), final_state(tmp_path / "straight"))
+
+
+def test_scripts_train_on_device_from_jpeg_files_and_cifar_files(tmp_path):
+    """As a user runs it: --augment-on device from an ImageFolder (files decoded in the main process) and from
+    torchvision's CIFAR-10 files (held in memory as one uint8 tensor)."""
+    jpeg_folder(tmp_path / "jpegs", n=32)
+    (tmp_path / "jpegs" / "val").symlink_to(tmp_path / "jpegs" / "train")
+    moco_co2.main(tiny(moco_co2, tmp_path / "from-jpegs", dataset="imagefolder", data=str(tmp_path / "jpegs"),
+                       epochs=1, queue_size=32))
+    assert load(tmp_path / "from-jpegs" / "last.pt")["step"] == 2
+    env = write_cifar10(tmp_path / "cifar", train_per_batch=8)
+    run_script("caco.py", "--dataset", "cifar10", "--data", tmp_path / "cifar", "--augment-on", "device",
+               "--arch", "resnet18", "--small-stem", "--image-size", "32", "--batch-size", "16", "--bank-size", "32",
+               "--epochs", "1", "--workers", "0", "--out-dir", tmp_path / "from-cifar", env=env)
+    assert load(tmp_path / "from-cifar" / "last.pt")["step"] == 2

@@ -59,3 +59,33 @@ def test_split_bn_under_bf16_and_channels_last_matches_fp32():
         low = bn(x.bfloat16().to(memory_format=torch.channels_last))
     assert low.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
     assert torch.allclose(low.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+def test_device_augmentation_on_cuda_equals_the_cpu_executor_and_decodes_with_nvjpeg(tmp_path):
+    """--augment-on device on a GPU: the same params give the same views as on the CPU (TF32 blur: 1e-3), and
+    a JPEG folder is decoded by nvjpeg into the same pixels as the CPU decoder (within JPEG decoder rounding)."""
+    import io
+
+    import torchvision.transforms.functional as TF
+
+    import common as C
+    views = caco.augmentations(32, multi_crop=True)  # solarize, blur, two sizes
+    images = (torch.rand(64, 3, 40, 48, generator=torch.Generator().manual_seed(0)) * 255).byte()
+    for view in views[:1] + views[2:3]:
+        sizes = torch.tensor([[40.0, 48.0]]).expand(64, 2)
+        params = C.draw_params(view, sizes[:, 0], sizes[:, 1])
+        cpu = C.apply_view(C.resized_crop(images.float() / 255, params["top"], params["left"], params["height"],
+                                          params["width"], view.size), view, params)
+        p = {k: v.cuda() for k, v in params.items()}
+        gpu = C.apply_view(C.resized_crop(images.cuda().float() / 255, p["top"], p["left"], p["height"],
+                                          p["width"], view.size), view, p)
+        torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-2, rtol=0)
+    data = []
+    for im in images[:8]:
+        buf = io.BytesIO()
+        TF.to_pil_image(im).save(buf, format="JPEG", quality=90)
+        data.append(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))
+    on_gpu = C.decode_images(data, [f"img{i}" for i in range(8)], torch.device("cuda"))
+    on_cpu = C.decode_images(data, [f"img{i}" for i in range(8)], torch.device("cpu"))
+    for a, b in zip(on_gpu, on_cpu):
+        assert a.is_cuda and (a.cpu().int() - b.int()).abs().max() <= 3
