@@ -21,6 +21,7 @@ The bank W, start to finish (grep METHOD for the method's own lines in main())
 Run: torchrun --nproc_per_node=8 adco.py --data /path/to/imagenet [--sym] --out-dir runs/adco   # 68.6 % [70.6 %]
 CPU smoke test, seconds: python adco.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
     --batch-size 16 --bank-size 64 --workers 0 --epochs 2 --out-dir runs/smoke
+Augment on the GPU instead of in PIL workers: --augment-on device (docs/augment.md).
 docs/adco.md: every command, defaults vs paper, logged metrics, the bank gradient's derivation, the dead-bank
 diagnosis, deviations from the official code. Layout: Args -> method math -> model, augmentations -> main() ->
 appendix: the fenced plumbing blocks (byte-identical in every script, tests/test_shared_blocks.py).

@@ -22,7 +22,8 @@ The bank W, start to finish (grep METHOD for the method's own lines in main())
     updated   bank_momentum_step(): after the network step, with the all-reduced G of the same q
     saved     checkpoint_state(): "bank" and "bank_velocity" in every last.pt; restored before the first step
 
-Run: torchrun --nproc_per_node=8 caco.py --data /path/to/imagenet (8 GPUs); --resume auto continues a run. docs/caco.md:
+Run: torchrun --nproc_per_node=8 caco.py --data /path/to/imagenet (8 GPUs); --resume auto continues a run;
+--augment-on device augments on the GPU instead of in PIL workers (docs/augment.md). docs/caco.md:
 CPU smoke run, 800-epoch recipe, defaults vs paper, metrics, bank-gradient derivation, deviations. Layout: Args ->
 math -> model, augmentations -> main() -> appendix: fenced plumbing, byte-identical in every script (test_shared_blocks)
 """

@@ -24,6 +24,7 @@ Run it
     python moco_co2.py --dataset synthetic --synthetic-images 64 --arch resnet18 --image-size 32 \
         --batch-size 16 --queue-size 64 --workers 0 --epochs 2 --out-dir runs/smoke               # CPU, seconds
     plain MoCo v2: --co2-alpha 0.  Continue an interrupted run: --resume auto.
+    Augment on the GPU instead of in PIL workers: --augment-on device (docs/augment.md).
 
 docs/moco_co2.md: every command, defaults vs paper, logged metrics, the CO2 gradient, deviations from the
 official code. Layout of this file: Args -> method math -> model and augmentations -> main() -> appendix:
