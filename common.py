@@ -1,21 +1,26 @@
 """Method-agnostic helpers shared by adco.py, caco.py, moco_co2.py and linear_eval.py.
 
-Rule (README, "Layout"): only code whose bugs *crash* rather than silently shift accuracy lives here:
-the ResNet factory, datasets, crop wrappers, the augmentation *operators* (not their values), the
-DataLoader factory and the kNN classifier. Losses, negatives, schedules, EMA and augmentation values stay
-inline in each method file, where a reader of that one file can audit them.
+Rule (README, "Layout"): method-agnostic code only: the ResNet factory, datasets, crop wrappers, the
+augmentation *operators* and their two executors (not their values), the loaders and the kNN classifier.
+Losses, negatives, schedules, EMA and augmentation values stay inline in each method file, where a reader of
+that one file can audit them. One part here could shift accuracy silently, the batched device executor, so
+tests/test_augment.py checks it against torchvision's own transforms, operator by operator and as a whole.
 
 Contents
     UserError                  one clear message, no traceback (caught in each script's entry point)
     build_resnet               torchvision ResNet without fc (+ optional 3x3 small-image stem)
     GaussianBlur, Solarize     PIL operators used inside torchvision pipelines (torch RNG, so seeded runs repeat)
     TwoCrops, MultiCrop        apply several pipelines to one image
+    View, pil_pipeline, pil_views   one view's augmentation (values set by each method file) -> PIL pipeline
+    DeviceAugment              the same views batched on the training device, per-sample parameters
+                               (sample_crops, resized_crop, color_jitter, gaussian_blur, ...: torchvision's semantics)
     eval_transform             Resize(size*256/224; small images whole) + CenterCrop + normalise (val / kNN)
     SyntheticImages            deterministic labelled fake images (no download; smoke runs and tests)
     make_dataset               `imagefolder` (ImageNet layout), cifar10/cifar100/stl10 (torchvision) or
                                `synthetic`, with clear errors
     check_same_classes         refuse a val split whose class names (or their order) differ from train's
     ResumableSampler, make_loader   DistributedSampler that can restart mid-epoch; DataLoader factory
+    DeviceLoader               --augment-on device: in-memory datasets on the device, or JPEGs decoded there
     extract_features, knn_predict, knn_accuracy   weighted kNN (InstDisc rule, k=200, T=0.1 by default)
 """
 
