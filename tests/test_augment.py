@@ -22,7 +22,7 @@ import adco
 import caco
 import common as C
 import moco_co2
-from conftest import assert_state_equal, final_state, load, run_script, write_cifar10
+from conftest import TINY, assert_state_equal, final_state, load, run_script, run_torchrun, write_cifar10
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work (docs/augment.md)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -293,3 +293,25 @@ def test_scripts_train_on_device_from_jpeg_files_and_cifar_files(tmp_path):
                "--arch", "resnet18", "--small-stem", "--image-size", "32", "--batch-size", "16", "--bank-size", "32",
                "--epochs", "1", "--workers", "0", "--out-dir", tmp_path / "from-cifar", env=env)
     assert load(tmp_path / "from-cifar" / "last.pt")["step"] == 2
+
+
+def test_two_ranks_split_each_epoch_and_draw_their_own_augmentations(tmp_path):
+    """Each rank's DeviceLoader yields its own half of the epoch (disjoint, together the whole split), and a
+    two-process torchrun run with --augment-on device trains as one job (gloo, CPU)."""
+    dataset = C.make_dataset("synthetic", None, "train", None, synthetic_images=32, image_size=16)
+    views = [C.View(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0,
+                    gray_p=0.0, blur_p=0.0, blur_sigma=(0.1, 2.0), solarize_p=0.0, flip_p=0.0)]  # identity views
+    images = C.images_in_memory(dataset)[0].float() / 255
+    seen = []
+    for rank in (0, 1):
+        loader = C.DeviceLoader(dataset, views, 4, rank, 2, 0, seed=0, device=torch.device("cpu"))
+        loader.sampler.set_epoch(3)
+        for (view,), _ in loader:
+            std, mean = torch.tensor(C.IMAGENET_STD)[:, None, None], torch.tensor(C.IMAGENET_MEAN)[:, None, None]
+            unnormalised = view * std + mean
+            seen += [int((images - im).abs().flatten(1).amax(1).argmin()) for im in unnormalised]
+    assert sorted(seen) == list(range(32))
+    run_torchrun("adco.py", *TINY, "--augment-on", "device", "--bank-size", "32", "--epochs", "1",
+                 "--out-dir", tmp_path / "two", nproc=2)
+    ckpt = load(tmp_path / "two" / "last.pt")
+    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2 and ckpt["args"]["augment_on"] == "device"
