@@ -360,9 +360,17 @@ def apply_view(x: torch.Tensor, view: View, params: dict) -> torch.Tensor:
     if view.solarize_p > 0:
         x = torch.where(per_sample(params["solarize"]), solarize(x), x)
     x = torch.where(per_sample(params["flip"]), x.flip(3), x)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None]
-    std = torch.tensor(IMAGENET_STD, device=x.device)[None, :, None, None]
-    return ((x - mean) / std).contiguous()
+    # per channel with Python numbers: a mean/std tensor would be a host-to-device copy (a sync) every step
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], dim=1)
+
+
+def to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A tensor of Python numbers on `device`. To a GPU through pinned memory and non_blocking, so the host does
+    not wait for the GPU's queue of work (a plain copy from pageable memory would)."""
+    tensor = torch.tensor(values)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class DeviceAugment:
@@ -382,13 +390,15 @@ class DeviceAugment:
         return [self.view(images, view) for view in self.views]
 
     def view(self, images, view: View) -> torch.Tensor:
-        if torch.is_tensor(images):
+        if torch.is_tensor(images):  # sizes made on the device (no copy from the host, no sync)
             device, n = images.device, images.shape[0]
-            sizes = torch.tensor(images.shape[2:], device=device, dtype=torch.float32).expand(n, 2)
+            heights = torch.full((n,), float(images.shape[2]), device=device)
+            widths = torch.full((n,), float(images.shape[3]), device=device)
         else:
             device, n = images[0].device, len(images)
-            sizes = torch.tensor([im.shape[1:] for im in images], dtype=torch.float32).to(device)
-        p = draw_params(view, sizes[:, 0], sizes[:, 1])
+            heights, widths = to_device([[float(im.shape[1]) for im in images],
+                                         [float(im.shape[2]) for im in images]], device)
+        p = draw_params(view, heights, widths)
         if torch.is_tensor(images):
             x = resized_crop(images.float() / 255, p["top"], p["left"], p["height"], p["width"], view.size)
         else:  # images of one size are cropped together; the results go back to their places in the batch
@@ -397,7 +407,7 @@ class DeviceAugment:
             for i, image in enumerate(images):
                 groups.setdefault(tuple(image.shape), []).append(i)
             for members in groups.values():
-                index = torch.tensor(members, device=device)
+                index = to_device(members, device)
                 batch = torch.stack([images[i] for i in members]).float() / 255
                 x[index] = resized_crop(batch, *(p[key][index] for key in ("top", "left", "height", "width")),
                                         view.size)
@@ -703,6 +713,7 @@ class DeviceLoader:
         else:
             self.files = DataLoader(EncodedFiles(dataset), batch_size=batch_per_rank, sampler=self.sampler,
                                     num_workers=workers, drop_last=True, collate_fn=as_lists,
+                                    pin_memory=device.type == "cuda",
                                     persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
                                     generator=torch.Generator().manual_seed(seed + rank),
                                     worker_init_fn=ignore_stop_signals)
@@ -713,9 +724,9 @@ class DeviceLoader:
     def __iter__(self):
         if self.files is not None:
             for data, labels, paths in self.files:
-                yield self.augment(decode_images(data, paths, self.device)), labels.to(self.device)
+                yield self.augment(decode_images(data, paths, self.device)), labels.to(self.device, non_blocking=True)
             return
-        order = torch.tensor(list(self.sampler), device=self.device)  # this epoch's indices, one copy per epoch
+        order = to_device(list(self.sampler), self.device)  # this epoch's indices, one copy per epoch
         for start in range(0, order.numel(), self.batch):
             index = order[start:start + self.batch]
             yield self.augment(self.images[index]), self.labels[index]
