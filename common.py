@@ -387,9 +387,12 @@ class DeviceAugment:
 
     def __call__(self, images) -> list:
         """images: uint8 [N, 3, H, W], or a list of uint8 [3, H_i, W_i] (decoded files of different sizes)."""
+        # to float in [0, 1] once for all the views
+        images = images.float() / 255 if torch.is_tensor(images) else [image.float() / 255 for image in images]
         return [self.view(images, view) for view in self.views]
 
     def view(self, images, view: View) -> torch.Tensor:
+        """One view of float images in [0, 1] (a batch tensor, or a list of differently sized images)."""
         if torch.is_tensor(images):  # sizes made on the device (no copy from the host, no sync)
             device, n = images.device, images.shape[0]
             heights = torch.full((n,), float(images.shape[2]), device=device)
@@ -400,7 +403,7 @@ class DeviceAugment:
                                          [float(im.shape[2]) for im in images]], device)
         p = draw_params(view, heights, widths)
         if torch.is_tensor(images):
-            x = resized_crop(images.float() / 255, p["top"], p["left"], p["height"], p["width"], view.size)
+            x = resized_crop(images, p["top"], p["left"], p["height"], p["width"], view.size)
         else:  # images of one size are cropped together; the results go back to their places in the batch
             x = torch.empty(n, 3, view.size, view.size, device=device)
             groups = {}
@@ -408,7 +411,7 @@ class DeviceAugment:
                 groups.setdefault(tuple(image.shape), []).append(i)
             for members in groups.values():
                 index = to_device(members, device)
-                batch = torch.stack([images[i] for i in members]).float() / 255
+                batch = torch.stack([images[i] for i in members])
                 x[index] = resized_crop(batch, *(p[key][index] for key in ("top", "left", "height", "width")),
                                         view.size)
         return apply_view(x, view, p)
@@ -649,10 +652,13 @@ class EncodedFiles(Dataset):
             raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
-def as_lists(batch: list) -> tuple:
-    """collate_fn for EncodedFiles: files differ in length, so keep lists (data, labels tensor, paths)."""
+def pack_files(batch: list) -> tuple:
+    """collate_fn for EncodedFiles, run in the worker: the batch's files as ONE uint8 tensor (their bytes one after
+    the other) with their lengths, labels and paths. One tensor crosses to the main process per batch (each file
+    its own tensor would cost ~10x more in shared-memory set-up); a tensor straight from read_file cannot be
+    sent at all (its storage is not shareable: the worker fails and the loader waits forever)."""
     data, labels, paths = zip(*batch)
-    return list(data), torch.tensor(labels), list(paths)
+    return torch.cat(data), torch.tensor([d.numel() for d in data]), torch.tensor(labels), list(paths)
 
 
 def decode_images(data: list, paths: list, device: torch.device) -> list:
@@ -712,7 +718,7 @@ class DeviceLoader:
             self.images, self.labels = held[0].to(device), held[1].to(device)
         else:
             self.files = DataLoader(EncodedFiles(dataset), batch_size=batch_per_rank, sampler=self.sampler,
-                                    num_workers=workers, drop_last=True, collate_fn=as_lists,
+                                    num_workers=workers, drop_last=True, collate_fn=pack_files,
                                     pin_memory=device.type == "cuda",
                                     persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
                                     generator=torch.Generator().manual_seed(seed + rank),
@@ -723,7 +729,8 @@ class DeviceLoader:
 
     def __iter__(self):
         if self.files is not None:
-            for data, labels, paths in self.files:
+            for packed, lengths, labels, paths in self.files:
+                data = list(torch.split(packed, lengths.tolist()))  # one 1-D uint8 tensor per file
                 yield self.augment(decode_images(data, paths, self.device)), labels.to(self.device, non_blocking=True)
             return
         order = to_device(list(self.sampler), self.device)  # this epoch's indices, one copy per epoch

@@ -1,4 +1,4 @@
-"""Training-step throughput of each method on synthetic data already on the device.
+"""Training-step throughput of each method on synthetic data already on the device (optionally augmented there).
 
 A benchmark, not a test. For a method, architecture, image size and per-device batch it times warm training
 steps and prints images/s, ms/step, peak memory, model FLOP utilisation, and where the step goes:
@@ -14,11 +14,24 @@ The step is composed from the method file's own functions (Encoder, momentum_upd
 co2_loss, enqueue, bank_grad, ...), in the order its main() calls them; data loading is excluded on purpose
 (benchmarks/dataloading.py measures it).
 
+--augment-on workers (default): every step gets the same synthetic float batch (augmentation runs in DataLoader
+workers in training, so it is not part of the step). --augment-on device: every step first draws the method's
+own two views (its augmentations(), --blur/--no-blur) with common.DeviceAugment from a uint8 batch of random
+images held on the device, --source-size px square (default: the crop size up to 64 px, as CIFAR; above,
+image_size x 256/224, i.e. 256 for 224 px crops; original ImageNet JPEGs are larger, about 470 x 390 on
+average), as training with --augment-on device does after its loader has the images on the device (decoding
+and the file reading excluded; benchmarks/dataloading.py times those). The step time then includes the
+augmentation; its share is reported twice: the augmentation alone timed over as many steps (synchronised at
+both ends) divided by the free-running step, and its phase in the synchronised breakdown ("augment").
+
     python benchmarks/throughput.py --method moco_co2 --arch resnet18 --image-size 32 --batch 16 --device cpu
     python benchmarks/throughput.py --method adco --sweep            # GPU: fp32 vs bf16 vs +channels_last vs +compile
     python benchmarks/throughput.py --method caco --batch 128 --json
     python benchmarks/throughput.py --method moco_co2 --arch resnet18 --small-stem --mlp-dim 512 --image-size 32 \
         --batch 512 --bank-size 4096 --bn-splits 8 --sweep   # the CIFAR-10 recipe's step (GPU)
+    python benchmarks/throughput.py --method moco_co2 --arch resnet18 --small-stem --mlp-dim 512 --image-size 32 \
+        --batch 512 --bank-size 4096 --bn-splits 8 --augment-on device --no-blur   # + its augmentation on the GPU
+    python benchmarks/throughput.py --method caco --augment-on device --source-size 256   # ImageNet recipe, blur
 MFU = model FLOPs per step (counted by torch.utils.flop_counter on one step) / step time / peak, where the
 peak is measured here: a large bf16 (GPU; fp32 on CPU) matmul.
 """
@@ -37,6 +50,7 @@ import tyro
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import DeviceAugment  # noqa: E402
 
 
 @dataclass
@@ -73,6 +87,16 @@ class Args:
     """untimed steps first (cudnn autotuning, compile)"""
     json: bool = False
     """print JSON lines instead of a table"""
+    augment_on: Literal["workers", "device"] = "workers"
+    """workers: the step's input is a fixed synthetic batch (augmentation happens elsewhere, not timed); device:
+    every step first runs the method's own two views (its augmentations()) through common.DeviceAugment on a
+    uint8 batch held on the device, as --augment-on device trains, and the augmentation is timed with the step"""
+    source_size: Optional[int] = None
+    """--augment-on device: side of the square uint8 source images (default: the image size up to 64 px, where
+    the data are CIFAR/STL-like images of the crop's size; above, image_size * 256 / 224, e.g. 256 for 224 px
+    crops, ImageNet resized to 256; original ImageNet JPEGs average about 470 x 390)"""
+    blur: bool = True
+    """--augment-on device: the views' Gaussian blur (ImageNet recipes); --no-blur for the CIFAR-10 recipe"""
 
 
 class Timer:
@@ -247,6 +271,31 @@ def peak_matmul_flops(device: torch.device) -> float:
     return 2 * n**3 * reps / timer.times["mm"]
 
 
+def source_size(args: Args) -> int:
+    """--source-size, or its default: the crop size up to 64 px (CIFAR/STL images are about the crop's size),
+    else image_size * 256 / 224 (256 for 224 px crops)."""
+    if args.source_size is not None:
+        return args.source_size
+    return args.image_size if args.image_size <= 64 else round(args.image_size * 256 / 224)
+
+
+def device_inputs(args: Args, device: torch.device, memory_format):
+    """--augment-on device: a function that returns (x_q, x_k), the method's own first two views (its
+    augmentations(image_size, blur=...)) drawn afresh by common.DeviceAugment from one uint8 batch held on the
+    device (random pixels; the executor's cost does not depend on them), in the step's memory format."""
+    views = importlib.import_module(args.method).augmentations(args.image_size, blur=args.blur)
+    augment = DeviceAugment(views)
+    side = source_size(args)
+    source = torch.randint(0, 256, (args.batch, 3, side, side), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0)).to(device)
+
+    def inputs():
+        x_q, x_k = augment(source)[:2]
+        return x_q.to(memory_format=memory_format), x_k.to(memory_format=memory_format)
+
+    return inputs
+
+
 def run(args: Args, device: torch.device, peak: float) -> dict:
     use_amp = args.amp and device.type == "cuda"
     dtype = torch.bfloat16 if use_amp else None
@@ -259,24 +308,45 @@ def run(args: Args, device: torch.device, peak: float) -> dict:
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
     step, _ = STEPS[args.method](args, device, autocast, memory_format)
-    x_q = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device).to(memory_format=memory_format)
-    x_k = torch.randn_like(x_q)
+    on_device = args.augment_on == "device"
+    if on_device:  # every step augments its own views first (timed with the step)
+        inputs = device_inputs(args, device, memory_format)
+    else:  # one synthetic batch for every step: data loading and augmentation excluded
+        x_q = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device).to(
+            memory_format=memory_format)
+        x_k = torch.randn_like(x_q)
+
+        def inputs():
+            return x_q, x_k
     free = Timer(device, sync=False)
     for _ in range(args.warmup):
-        step(x_q, x_k, free)
+        step(*inputs(), free)
+    views = inputs()  # the FLOPs counted are the model's (the augmentation's resampling matmuls excluded)
     with FlopCounterMode(display=False) as counter:
-        step(x_q, x_k, free)
+        step(*views, free)
     flops = counter.get_total_flops()
     wall = Timer(device, sync=True)
     wall.start()
     for _ in range(args.steps):
-        step(x_q, x_k, free)
+        step(*inputs(), free)
     wall.mark("step")
     seconds = wall.times["step"] / args.steps
     phases = Timer(device, sync=True)
     for _ in range(args.steps):
-        step(x_q, x_k, phases)
+        if on_device:
+            phases.start()
+            views = inputs()
+            phases.mark("augment")
+        step(*views, phases)
     total = sum(phases.times.values())
+    augment_ms = None
+    if on_device:  # the augmentation alone, over as many steps, synchronised at both ends
+        timer = Timer(device, sync=True)
+        timer.start()
+        for _ in range(args.steps):
+            inputs()
+        timer.mark("augment")
+        augment_ms = 1000 * timer.times["augment"] / args.steps
     bank_grad_ms = None
     if hasattr(step, "bank_grad"):  # the closed-form bank gradient alone, on embeddings of the right shape
         q = F.normalize(torch.randn(args.batch, 128 if args.method != "caco" else 256, device=device), dim=1)
@@ -299,6 +369,9 @@ def run(args: Args, device: torch.device, peak: float) -> dict:
         "bank_grad_ms": bank_grad_ms,
         "bank_update_share": None if bank_grad_ms is None else
         (bank_grad_ms / 1000 + phases.times.get("queue/bank", 0) / args.steps) / seconds,
+        "augment_on": args.augment_on, "source_size": source_size(args) if on_device else None,
+        "blur": args.blur if on_device else None,
+        "augment_ms": augment_ms, "augment_share": None if augment_ms is None else augment_ms / 1000 / seconds,
     }
 
 
@@ -327,7 +400,10 @@ def main(args: Args) -> list[dict]:
               f"  {100 * s.get('encoders', 0):.1f}% / {100 * s.get('loss', 0):.1f}% / "
               f"{100 * s.get('queue/bank', 0):.2f}% / {100 * s.get('collectives', 0):.2f}%"
               + (f"  bank gradient {r['bank_grad_ms']:.2f} ms, whole bank update {100 * r['bank_update_share']:.2f}%"
-                 " of the step" if r["bank_grad_ms"] is not None else ""))
+                 " of the step" if r["bank_grad_ms"] is not None else "")
+              + (f"  augmentation ({r['source_size']} px uint8 -> 2 views, blur {'on' if r['blur'] else 'off'}) "
+                 f"{r['augment_ms']:.2f} ms, {100 * r['augment_share']:.1f}% of the step "
+                 f"({100 * s.get('augment', 0):.1f}% in the phase timing)" if r["augment_ms"] is not None else ""))
     return rows
 
 

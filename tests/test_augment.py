@@ -135,7 +135,7 @@ def test_a_whole_view_equals_torchvision_sample_by_sample(as_list):
     torch.manual_seed(5)
     params = C.draw_params(VIEW, sizes[:, 0], sizes[:, 1])
     torch.manual_seed(5)
-    out = C.DeviceAugment([VIEW]).view(batch, VIEW)
+    out = C.DeviceAugment([VIEW])(batch)[0]
     for key in ("jitter", "gray", "blur", "solarize", "flip"):  # the draw exercises both branches of every coin
         assert 0 < params[key].sum() < 64, key
     for i in range(64):
@@ -281,12 +281,12 @@ def test_device_augmentation_trains_and_resumes_bitwise(tmp_path, module, size):
 
 
 def test_scripts_train_on_device_from_jpeg_files_and_cifar_files(tmp_path):
-    """As a user runs it: --augment-on device from an ImageFolder (files decoded in the main process) and from
-    torchvision's CIFAR-10 files (held in memory as one uint8 tensor)."""
+    """As a user runs it: --augment-on device from an ImageFolder (a worker process reads the files, the main
+    process decodes them) and from torchvision's CIFAR-10 files (held in memory as one uint8 tensor)."""
     jpeg_folder(tmp_path / "jpegs", n=32)
     (tmp_path / "jpegs" / "val").symlink_to(tmp_path / "jpegs" / "train")
     moco_co2.main(tiny(moco_co2, tmp_path / "from-jpegs", dataset="imagefolder", data=str(tmp_path / "jpegs"),
-                       epochs=1, queue_size=32))
+                       epochs=1, queue_size=32, workers=1))  # a worker reads the files, this process decodes
     assert load(tmp_path / "from-jpegs" / "last.pt")["step"] == 2
     env = write_cifar10(tmp_path / "cifar", train_per_batch=8)
     run_script("caco.py", "--dataset", "cifar10", "--data", tmp_path / "cifar", "--augment-on", "device",

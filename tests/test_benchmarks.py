@@ -1,7 +1,6 @@
 """The benchmarks stay runnable (tiny CPU settings). They measure; nothing here asserts a timing."""
-import sys
-
 import math
+import sys
 
 import pytest
 import torch
@@ -15,6 +14,9 @@ import dataloading  # noqa: E402
 import embedding_stats  # noqa: E402
 import throughput  # noqa: E402
 
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work (docs/augment.md)
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
 
 @pytest.mark.parametrize("method", ["moco_co2", "adco", "caco"])
 def test_throughput_reports_every_field(method):
@@ -25,6 +27,20 @@ def test_throughput_reports_every_field(method):
     assert abs(sum(row["share"].values()) - 1) < 1e-6
     assert {"encoders", "loss", "queue/bank", "collectives"} <= set(row["share"])
     assert (row["bank_grad_ms"] is None) == (method == "moco_co2")
+    assert row["augment_on"] == "workers" and row["augment_ms"] is None and "augment" not in row["share"]
+
+
+@pytest.mark.parametrize("method,blur", [("moco_co2", False), ("caco", True)])
+def test_throughput_augments_on_the_device_in_every_step(method, blur):
+    args = throughput.Args(method=method, arch="resnet18", image_size=32, batch=4, bank_size=64, device="cpu",
+                           steps=1, warmup=1, json=True, augment_on="device", blur=blur, source_size=40)
+    (row,) = throughput.main(args)
+    assert row["augment_on"] == "device" and row["source_size"] == 40 and row["blur"] is blur
+    assert row["augment_ms"] > 0 and 0 < row["augment_share"] and 0 < row["share"]["augment"] < 1
+    assert abs(sum(row["share"].values()) - 1) < 1e-6 and row["tflop_per_step"] > 0
+    # the default source: CIFAR-like images of the crop's size; 256 px for 224 px crops
+    assert throughput.source_size(throughput.Args(image_size=32)) == 32
+    assert throughput.source_size(throughput.Args(image_size=224)) == 256
 
 
 def test_throughput_times_the_cifar_recipe_step():
@@ -40,12 +56,38 @@ def test_dataloading_times_each_pipeline(tmp_path):
         for i in range(8):
             Image.new("RGB", (40, 40), (30 * i, 20 * c, 90)).save(tmp_path / "train" / f"c{c}" / f"{i}.jpg")
     args = dataloading.Args(data=str(tmp_path), methods=["moco_co2", "adco-multi-crop", "caco-multi-crop"],
-                            image_size=32, workers=[0], batch_size=2, batches=2, json=True)
+                            image_size=32, augment_on=["workers"], workers=[0], batch_size=2, batches=2, json=True)
     rows = dataloading.main(args)
     assert [r["views"] for r in rows] == [2, 6, 8] and all(r["img_per_s"] > 0 for r in rows)
-    args.blur, args.methods = False, ["caco"]
+    assert all(r["augment_on"] == "workers" and r["cpu_us_per_image"] > 0 for r in rows)
+    args.blur, args.methods, args.workers = False, ["caco"], [1]  # one worker: its CPU time is read from /proc
     (row,) = dataloading.main(args)
-    assert row["blur"] is False and row["views"] == 2
+    assert row["blur"] is False and row["views"] == 2 and row["workers"] == 1
+    if row["worker_cpu_us_per_image"] is not None:  # None where /proc is unreadable (not Linux); clock ticks
+        assert row["cpu_us_per_image"] >= row["worker_cpu_us_per_image"] >= 0  # of 10 ms: 4 images may read 0
+
+
+def test_dataloading_times_the_device_executor_on_files_and_in_memory(tmp_path, capsys):
+    for c in range(2):
+        (tmp_path / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (40, 40), (30 * i, 20 * c, 90)).save(tmp_path / "train" / f"c{c}" / f"{i}.jpg")
+    args = dataloading.Args(data=str(tmp_path), methods=["moco_co2", "caco-multi-crop"], image_size=32,
+                            augment_on=["device"], device="cpu", threads=[1], workers=[0], batch_size=2,
+                            batches=2)
+    rows = dataloading.main(args)
+    assert [(r["pipeline"], r["source"], r["views"]) for r in rows] == [
+        ("moco_co2", "jpeg files", 2), ("moco_co2", "memory uint8", 2),
+        ("caco-multi-crop", "jpeg files", 8), ("caco-multi-crop", "memory uint8", 8)]
+    assert all(r["augment_on"] == "device" and r["device"] == "cpu" and r["torch_threads"] == 1 for r in rows)
+    assert all(r["img_per_s_per_process"] == r["img_per_s"] > 0 and r["cpu_us_per_image"] > 0 for r in rows)
+    assert "memory uint8" in capsys.readouterr().out  # the table
+    # images of several sizes: the files still run (cropped per size group); no single in-memory tensor
+    Image.new("RGB", (48, 36), (10, 200, 90)).save(tmp_path / "train" / "c0" / "0.jpg")
+    args.methods, args.json = ["adco"], True
+    (row,) = dataloading.main(args)
+    assert row["source"] == "jpeg files" and row["views"] == 2
+    assert "no in-memory source" in capsys.readouterr().err
 
 
 def test_dataloading_per_operator_times_every_operator(tmp_path):
