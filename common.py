@@ -28,6 +28,7 @@ import math
 import os
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -706,7 +707,7 @@ class DeviceLoader:
 
     In-memory datasets (CIFAR, STL-10, synthetic) live on the device as one uint8 tensor and batches are indexed
     there: no worker processes, no copies per step. ImageFolder: `workers` processes only read files; decoding
-    (nvjpeg on CUDA) and augmentation happen on the device."""
+    (nvjpeg on CUDA, one batch ahead in a thread) and augmentation happen on the device."""
 
     def __init__(self, dataset, views: list, batch_per_rank: int, rank: int, world: int, workers: int, seed: int,
                  device: torch.device):
@@ -729,9 +730,18 @@ class DeviceLoader:
 
     def __iter__(self):
         if self.files is not None:
-            for packed, lengths, labels, paths in self.files:
-                data = list(torch.split(packed, lengths.tolist()))  # one 1-D uint8 tensor per file
-                yield self.augment(decode_images(data, paths, self.device)), labels.to(self.device, non_blocking=True)
+            # A thread decodes batch i + 1 while batch i trains (the decoders release the GIL). Decoding draws no
+            # random number; the augmentation's draws stay in this thread, in batch order, so a seeded run repeats.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+                ahead = None  # (decoded images in the making, labels) of the next batch
+                for packed, lengths, labels, paths in self.files:
+                    data = list(torch.split(packed, lengths.tolist()))  # one 1-D uint8 tensor per file
+                    job = (pool.submit(decode_images, data, paths, self.device), labels)
+                    if ahead is not None:
+                        yield self.augment(ahead[0].result()), ahead[1].to(self.device, non_blocking=True)
+                    ahead = job
+                if ahead is not None:
+                    yield self.augment(ahead[0].result()), ahead[1].to(self.device, non_blocking=True)
             return
         order = to_device(list(self.sampler), self.device)  # this epoch's indices, one copy per epoch
         for start in range(0, order.numel(), self.batch):

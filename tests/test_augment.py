@@ -280,6 +280,17 @@ def test_device_augmentation_trains_and_resumes_bitwise(tmp_path, module, size):
     assert_state_equal(final_state(tmp_path / "mid"), final_state(tmp_path / "straight"))
 
 
+def test_device_augmentation_from_jpeg_files_resumes_bitwise(tmp_path):
+    """JPEG files decoded one batch ahead in a thread: 2 epochs straight == stop at step 3 + --resume auto."""
+    jpeg_folder(tmp_path / "jpegs", n=32)
+    (tmp_path / "jpegs" / "val").symlink_to(tmp_path / "jpegs" / "train")
+    jpegs = dict(dataset="imagefolder", data=str(tmp_path / "jpegs"), queue_size=32)
+    moco_co2.main(tiny(moco_co2, tmp_path / "straight", **jpegs))
+    moco_co2.main(tiny(moco_co2, tmp_path / "mid", stop_at_step=3, **jpegs))
+    moco_co2.main(tiny(moco_co2, tmp_path / "mid", resume="auto", **jpegs))
+    assert_state_equal(final_state(tmp_path / "mid"), final_state(tmp_path / "straight"))
+
+
 def test_scripts_train_on_device_from_jpeg_files_and_cifar_files(tmp_path):
     """As a user runs it: --augment-on device from an ImageFolder (a worker process reads the files, the main
     process decodes them) and from torchvision's CIFAR-10 files (held in memory as one uint8 tensor)."""
