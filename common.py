@@ -690,7 +690,9 @@ def decode_images(data: list, paths: list, device: torch.device) -> list:
 
 def images_in_memory(dataset) -> Optional[tuple]:
     """(uint8 images [N, 3, H, W], labels [N]) of a dataset held in memory: torchvision's CIFAR-10/100 and STL-10,
-    and SyntheticImages; None for an ImageFolder (files on disk)."""
+    SyntheticImages, or a TensorDataset(uint8 images, labels); None for an ImageFolder (files on disk)."""
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        return dataset.tensors[0], dataset.tensors[1]
     if isinstance(dataset, (torchvision.datasets.CIFAR10, torchvision.datasets.CIFAR100)):  # data [N, H, W, 3]
         return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
     if isinstance(dataset, torchvision.datasets.STL10):  # data [N, 3, H, W]

@@ -32,11 +32,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torchvision
 import torchvision.transforms as T
 import tyro
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from common import decode_images, make_dataset, make_loader, pil_views  # noqa: E402
@@ -202,15 +202,6 @@ def held_images(folder, count: int) -> Optional[tuple]:
     return torch.stack(images), [label for _, label in samples]
 
 
-def as_cifar(images: torch.Tensor, labels: list, classes: list):
-    """A torchvision CIFAR10 object holding these uint8 images: common.images_in_memory recognises it, so
-    make_loader's DeviceLoader takes exactly its --dataset cifar10 path (the split as one tensor on the device)."""
-    dataset = torchvision.datasets.CIFAR10.__new__(torchvision.datasets.CIFAR10)
-    dataset.data = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())  # CIFAR10 keeps [N, H, W, 3]
-    dataset.targets, dataset.classes, dataset.transform, dataset.target_transform = labels, classes, None, None
-    return dataset
-
-
 def time_device_path(args: Args, name: str, device: torch.device) -> list:
     """The batched executor on `device`: JPEG files (decoded on the device), then the images held in memory."""
     views = views_for(name, args.image_size, args.blur)
@@ -221,7 +212,8 @@ def time_device_path(args: Args, name: str, device: torch.device) -> list:
               file=sys.stderr)
     sources = [("jpeg files", folder, workers) for workers in args.workers]
     if held is not None:
-        sources.append(("memory uint8", as_cifar(*held, folder.classes), 0))
+        # a TensorDataset of uint8 images takes DeviceLoader's in-memory path, the one --dataset cifar10 takes
+        sources.append(("memory uint8", TensorDataset(held[0], torch.tensor(held[1])), 0))
     rows = []
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
