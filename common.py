@@ -613,9 +613,9 @@ class ResumableSampler(DistributedSampler):
 
 def make_loader(dataset, batch_per_rank: int, rank: int, world: int, workers: int, seed: int,
                 shuffle: bool = True, pin_memory: bool = True, device_views: Optional[list] = None,
-                device: Optional[torch.device] = None):
+                device: Optional[torch.device] = None, collate_fn=None):
     """Training loader: ResumableSampler (call `loader.sampler.set_epoch(e)` every epoch), drop_last,
-    pinned memory, persistent workers, prefetch 4 batches per worker.
+    pinned memory, persistent workers, prefetch 4 batches per worker, torch's collate unless `collate_fn`.
     With `device_views` (--augment-on device): a DeviceLoader that augments those views on `device` instead.
 
     The loader gets its own generator so creating an iterator does not consume the global torch RNG:
@@ -631,7 +631,7 @@ def make_loader(dataset, batch_per_rank: int, rank: int, world: int, workers: in
         dataset, batch_size=batch_per_rank, sampler=sampler, num_workers=workers, drop_last=True,
         pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed + rank),
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=ignore_stop_signals, collate_fn=collate_fn,
     )
 
 
@@ -713,19 +713,16 @@ class DeviceLoader:
 
     def __init__(self, dataset, views: list, batch_per_rank: int, rank: int, world: int, workers: int, seed: int,
                  device: torch.device):
-        self.sampler = ResumableSampler(dataset, world, rank, batch_per_rank, seed)
         self.augment, self.device, self.batch = DeviceAugment(views), device, batch_per_rank
         held = images_in_memory(dataset)
         self.files = None
         if held is not None:
+            self.sampler = ResumableSampler(dataset, world, rank, batch_per_rank, seed)
             self.images, self.labels = held[0].to(device), held[1].to(device)
-        else:
-            self.files = DataLoader(EncodedFiles(dataset), batch_size=batch_per_rank, sampler=self.sampler,
-                                    num_workers=workers, drop_last=True, collate_fn=pack_files,
-                                    pin_memory=device.type == "cuda",
-                                    persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                                    generator=torch.Generator().manual_seed(seed + rank),
-                                    worker_init_fn=ignore_stop_signals)
+        else:  # the PIL path's loader, over the files' bytes
+            self.files = make_loader(EncodedFiles(dataset), batch_per_rank, rank, world, workers, seed,
+                                     pin_memory=device.type == "cuda", collate_fn=pack_files)
+            self.sampler = self.files.sampler
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch
