@@ -167,6 +167,8 @@ RANGES = {"epochs": ">= 1", "batch_size": ">= 1", "image_size": ">= 8", "synthet
           "mem_t": "> 0", "bank_size": ">= 1", "mem_lr": ">= 0", "mem_lr_final": ">= 0", "mem_momentum": "[0, 1)",
           "init_t": "> 0", "init_lr": ">= 0", "log_every": ">= 1", "ckpt_every_steps": ">= 0", "stop_at_step": ">= 1",
           "knn_every": ">= 0", "knn_k": ">= 1", "knn_t": "> 0", "knn_train_fraction": "(0, 1]"}
+# A log window's mean neg_share (1 - pos_prob) below this warns: both parts of G are ∝ 1 - p(positive) (docs/caco.md).
+DEAD_BANK_SHARE = 1e-3
 
 
 # ==== METHOD: the math, as pure functions (imported by tests/). Embeddings are unit rows, fp32 or fp64. ====
@@ -221,6 +223,7 @@ class CacoStep(NamedTuple):
     grad: torch.Tensor      # G [C, K], this rank's, before the all-reduce
     pos_prob: torch.Tensor  # mean τ_m-softmax probability of the positive, over queries and pairs
     acc_pos: torch.Tensor   # % of queries whose top logit is their positive
+    pos_cols: torch.Tensor  # distinct positive columns / N, mean over key crops: 1/N = every key picks one column
 
 
 def caco_loss_and_bank_grad(queries: list, keys: list, bank: torch.Tensor, pairs: list, moco_t: float,
@@ -239,7 +242,9 @@ def caco_loss_and_bank_grad(queries: list, keys: list, bank: torch.Tensor, pairs
         with torch.no_grad():  # metrics: the τ_m-softmax mass on the positive (upstream mem_losses), top-1
             pos_prob.append(torch.softmax(logits[i].detach() / mem_t, dim=1).gather(1, labels[j][:, None]).mean())
             acc.append((logits[i].detach().argmax(dim=1) == labels[j]).float().mean())
-    return CacoStep(loss, grad, torch.stack(pos_prob).mean(), 100 * torch.stack(acc).mean())
+    # bincount keeps the shape fixed (no host sync, unlike unique): the number of columns chosen as a positive
+    pos_cols = torch.stack([(torch.bincount(y, minlength=bank.shape[1]) > 0).sum() / y.numel() for y in labels])
+    return CacoStep(loss, grad, torch.stack(pos_prob).mean(), 100 * torch.stack(acc).mean(), pos_cols.mean())
 
 
 def init_logits(q: torch.Tensor, k: torch.Tensor, bank: torch.Tensor, init_t: float):
@@ -429,6 +434,7 @@ def main(args: Args) -> dict:
                     log_values=lambda: {"bank_norm": bank.norm(dim=0).mean().item()})
     encoder_q.train()
     encoder_k.train()  # f_k's BN uses batch statistics, as upstream
+    warned_dead_bank = False
     with make_progress(run.console) as progress:
         task = progress.add_task("train", total=(args.epochs - start_epoch) * steps_per_epoch - start_batch)
         for epoch in range(start_epoch, args.epochs):
@@ -457,8 +463,16 @@ def main(args: Args) -> dict:
                 bank_momentum_step(bank, bank_velocity, all_reduce_mean(out.grad), mem_lr, args.mem_momentum)
                 step += 1
                 progress.advance(task)
-                stats = {"loss": out.loss, "pos_prob": out.pos_prob, "acc_pos": out.acc_pos}
-                if tail(epoch, batch_idx + 1, step, stats, lr=lr, mem_lr=mem_lr, key_m=key_m):
+                stats = {"loss": out.loss, "pos_prob": out.pos_prob, "neg_share": 1 - out.pos_prob,
+                         "acc_pos": out.acc_pos, "pos_cols": out.pos_cols}
+                stop = tail(epoch, batch_idx + 1, step, stats, lr=lr, mem_lr=mem_lr, key_m=key_m)
+                if tail.record and tail.record["neg_share"] < DEAD_BANK_SHARE and not warned_dead_bank:
+                    warned_dead_bank = True  # once per run; neg_share stays in every log line
+                    run.console.print(f"WARNING: the negatives hold {tail.record['neg_share']:.1e} of the τ_m-softmax "
+                                      f"(< {DEAD_BANK_SHARE:g}): the bank step G, ∝ 1 - p(positive) in both its parts, "
+                                      "has vanished, so the bank no longer moves. docs/caco.md: 'Bank health'.",
+                                      markup=False, highlight=False)
+                if stop:
                     break
             if tail.stopped:
                 break

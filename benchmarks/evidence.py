@@ -65,8 +65,10 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
 }
 NEGATIVES_FLAG = {"moco_co2.py": "--queue-size", "adco.py": "--bank-size", "caco.py": "--bank-size"}
 KNN_K, KNN_T = 200, 0.1  # the final kNN: InstDisc's weighted vote, as the kNN monitors and docs/cifar10.md
-# Bank diagnostics read from the last training record of AdCo's / CaCo's metrics.jsonl (CaCo logs no bank_share).
-BANK_FIELDS = ("bank_share", "pos_prob", "bank_norm")
+# Bank diagnostics read from the last training record of AdCo's / CaCo's metrics.jsonl: the negatives' share of the
+# τ_m-softmax (AdCo: bank_share, CaCo: neg_share), the positive's probability, CaCo's distinct positive columns per
+# query, the mean column norm. A method leaves the others' fields None.
+BANK_FIELDS = ("bank_share", "neg_share", "pos_prob", "pos_cols", "bank_norm")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # the scripts' own stop signals
 
 
@@ -90,10 +92,16 @@ class Args:
     """global batch of pre-training (the recipe's 512)"""
     epochs: int = 200
     """pre-training epochs (the recipe's 200)"""
+    caco_warmup_epochs: int = 10
+    """CaCo's linear warm-up epochs (--warmup-epochs; the recipe's 10 of 200); a short run scales it down"""
     negatives: int = 4096
     """K: queue size (MoCo) or bank size (AdCo, CaCo); the recipe's 4096. MoCo needs a multiple of --batch-size"""
     knn_every: int = 10
     """pre-training's kNN monitor every this many epochs (the recipe's 10); 0 = off (the final kNN runs anyway)"""
+    knn_train_fraction: float = 1.0
+    """final kNN: fraction of the train split used as memory (every 1/f-th image; the recipe's 1)"""
+    random_init_seeds: tuple[int, ...] = (0,)
+    """seeds of the random-init baseline: one kNN each; its row holds their mean and the per-seed values"""
     workers: int = 15
     """DataLoader workers of every script (the recipe's 15, for a 16-core GPU machine)"""
     augment_on: Literal["workers", "device"] = "workers"
@@ -101,7 +109,19 @@ class Args:
     methods: tuple[Method, ...] = METHODS
     """which rows to make, in this order"""
     out_dir: str = "runs/evidence"
-    """results.json, results.md, logs/, and a folder per run: <method> (pre-training), <method>-knn, random_init"""
+    """results.json, results.md, logs/, a folder per run: <method> (pre-training), <method>-knn, random_init-s<seed>"""
+    preset: Literal["gpu", "cpu"] = "gpu"
+    """starting values of every other flag (flags given explicitly win): gpu = docs/cifar10.md's recipe, 200
+    epochs on one GPU; cpu = the same recipes on a 2-core CPU budget (about 2 hours, docs/cifar10.md)"""
+
+
+# --preset: the defaults above are the gpu preset. The cpu preset keeps every method's recipe flags (RECIPES) and
+# shrinks the budget: the standard stem (a 16x smaller feature map at 32 px), batch 256, 5 epochs (CaCo's warm-up
+# 1 of them), no kNN monitor, a 10,000-image kNN memory, and the random-init floor over 3 seeds.
+PRESETS = {"gpu": Args(),
+           "cpu": Args(dataset="imagefolder", data="data/cifar10", small_stem=False, batch_size=256, epochs=5,
+                       caco_warmup_epochs=1, knn_every=0, knn_train_fraction=0.2, random_init_seeds=(0, 1, 2),
+                       workers=1, out_dir="runs/evidence-cpu", preset="cpu")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,26 +144,28 @@ def data_flags(args: Args) -> list[str]:
 def pretrain_command(method: str, args: Args) -> list[str]:
     """The recipe's pre-training command of `method` with this script's sizes, as run (argv)."""
     script, recipe = RECIPES[method]
+    warmup = ["--warmup-epochs", str(args.caco_warmup_epochs)] if method == "caco" else []
     return [sys.executable, script, *data_flags(args), "--arch", args.arch,
             "--small-stem" if args.small_stem else "--no-small-stem", "--image-size", str(args.image_size),
-            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
+            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), *warmup,
             NEGATIVES_FLAG[script], str(args.negatives), *recipe, "--knn-every", str(args.knn_every),
             "--workers", str(args.workers), "--augment-on", args.augment_on,
             "--out-dir", run_dir(args, method), "--resume", "auto"]
 
 
-def knn_command(method: str, args: Args) -> list[str]:
-    """The final kNN of `method`'s last.pt, or (random_init) of the untrained network. No --resume: a kNN
-    evaluation keeps no state between calls; one cut off simply runs again."""
+def knn_command(method: str, args: Args, seed: int = 0) -> list[str]:
+    """The final kNN of `method`'s last.pt, or (random_init) of the untrained network initialised from `seed`. No
+    --resume: a kNN evaluation keeps no state between calls; one cut off simply runs again."""
     if method == "random_init":
-        backbone = ["--random-init", "--arch", args.arch, "--small-stem" if args.small_stem else "--no-small-stem"]
-        out = run_dir(args, method)
+        backbone = ["--random-init", "--arch", args.arch, "--small-stem" if args.small_stem else "--no-small-stem",
+                    "--seed", str(seed)]
+        out = f"{run_dir(args, method)}-s{seed}"
     else:  # arch and stem come from the checkpoint
         backbone = ["--checkpoint", os.path.join(run_dir(args, method), "last.pt")]
         out = run_dir(args, method) + "-knn"
     return [sys.executable, "linear_eval.py", "--knn", *backbone, *data_flags(args),
             "--image-size", str(args.image_size), "--knn-k", str(KNN_K), "--knn-t", str(KNN_T),
-            "--workers", str(args.workers), "--out-dir", out]
+            "--knn-train-fraction", str(args.knn_train_fraction), "--workers", str(args.workers), "--out-dir", out]
 
 
 def run_dir(args: Args, method: str) -> str:
@@ -154,12 +176,16 @@ def config_of(method: str, args: Args) -> dict:
     """Everything that can change a row's numbers or its wall time. A row with another configuration is made
     again; a half-trained run of another configuration is refused (it would mix two recipes in one row)."""
     config = {"dataset": args.dataset, "arch": args.arch, "small_stem": args.small_stem,
-              "image_size": args.image_size, "workers": args.workers, "knn_k": KNN_K, "knn_t": KNN_T}
+              "image_size": args.image_size, "workers": args.workers, "knn_k": KNN_K, "knn_t": KNN_T,
+              "knn_train_fraction": args.knn_train_fraction}
     config.update({"synthetic_images": args.synthetic_images} if args.dataset == "synthetic"
                   else {"data": args.data})
-    if method != "random_init":
+    if method == "random_init":
+        config["seeds"] = list(args.random_init_seeds)
+    else:
         script, recipe = RECIPES[method]
         config.update({"script": script, "recipe": " ".join(recipe), "batch_size": args.batch_size,
+                       **({"warmup_epochs": args.caco_warmup_epochs} if method == "caco" else {}),
                        "epochs": args.epochs, "negatives": args.negatives, "knn_every": args.knn_every,
                        "augment_on": args.augment_on})
     return config
@@ -400,15 +426,23 @@ def make_row(method: str, args: Args, runner: Runner, console: Console) -> dict:
         row.update(epochs=args.epochs, batch=args.batch_size)
         if method in ("adco", "caco"):
             row.update({name: records[-1].get(name) for name in BANK_FIELDS})
-    console.print(f"== {NAMES[method]}: final kNN (k = {KNN_K}, T = {KNN_T})", markup=False, style="bold")
-    argv = knn_command(method, args)
-    run(argv, f"{method}-knn" if method != "random_init" else method)
-    knn_dir = argv[argv.index("--out-dir") + 1]
-    # linear_eval.py appends its result, so the last kNN record is this call's
-    knn = [r for r in read_records(os.path.join(knn_dir, "metrics.jsonl")) if r.get("mode") == "knn"]
-    if not knn or not all(math.isfinite(knn[-1][k]) for k in ("knn_top1", "knn_top5")):
-        raise EvidenceError(f"{knn_dir}/metrics.jsonl holds no finite kNN result after a successful run")
-    row.update(knn_top1=knn[-1]["knn_top1"], knn_top5=knn[-1]["knn_top5"], wall_s=state["wall_s"],
+    seeds = args.random_init_seeds if method == "random_init" else (0,)
+    results = []  # the (top-1, top-5) of each seed's kNN
+    for seed in seeds:
+        console.print(f"== {NAMES[method]}: final kNN (k = {KNN_K}, T = {KNN_T})"
+                      + (f", seed {seed}" if method == "random_init" else ""), markup=False, style="bold")
+        argv = knn_command(method, args, seed)
+        run(argv, f"{method}-knn" if method != "random_init" else f"{method}-s{seed}")
+        knn_dir = argv[argv.index("--out-dir") + 1]
+        # linear_eval.py appends its result, so the last kNN record is this call's
+        knn = [r for r in read_records(os.path.join(knn_dir, "metrics.jsonl")) if r.get("mode") == "knn"]
+        if not knn or not all(math.isfinite(knn[-1][k]) for k in ("knn_top1", "knn_top5")):
+            raise EvidenceError(f"{knn_dir}/metrics.jsonl holds no finite kNN result after a successful run")
+        results.append((knn[-1]["knn_top1"], knn[-1]["knn_top5"]))
+    if method == "random_init":  # the floor: the mean over seeds, and each seed's value for its spread
+        row.update(knn_top1_seeds=[top1 for top1, _ in results], seeds=list(seeds))
+    row.update(knn_top1=sum(r[0] for r in results) / len(results),
+               knn_top5=sum(r[1] for r in results) / len(results), wall_s=state["wall_s"],
                wall_s_complete=all(p["seconds"] is not None for p in state["processes"]),
                device=", ".join(state["devices"]), commit=", ".join(state["commits"]), command=state["commands"],
                config=config, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -432,23 +466,33 @@ def results_markdown(rows: list[dict]) -> str:
     lines = ["# Evidence table (benchmarks/evidence.py)", "",
              f"Final kNN (k = {KNN_K}, T = {KNN_T}) of each method's backbone: pooled features, the train split as "
              "memory, the val/test split as queries. Bank diagnostics: the last training log record of the run "
-             "(bank_share: the bank's share of the τ_m-softmax, AdCo only; pos_prob: the positive's probability; "
-             "‖W_k‖: the mean bank column norm). Wall time: every process of the row, over all calls (≥: a call "
+             "(bank_share / neg_share: the negatives' share of the τ_m-softmax, AdCo / CaCo; pos_prob: the "
+             "positive's probability; pos_cols: CaCo's distinct positive columns per query; bank_norm: the mean "
+             "bank column norm). Random init: the mean over its seeds. Wall time: every process of the row, over all calls (≥: a call "
              "was killed without a chance to count its running process). "
              "Written by benchmarks/evidence.py; every number comes from the commands below the table.", "",
-             "| method | data | network | epochs | batch | kNN top-1 | kNN top-5 | bank share / pos prob / ‖W_k‖ "
-             "| wall time | device | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | data | network | epochs | batch | kNN top-1 | vs random init | kNN top-5 "
+             "| bank diagnostics | wall time | device | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    floor = next((r for r in rows if r["method"] == "random_init"), None)
     for r in rows:
         c = r["config"]
         data = f"synthetic ({c['synthetic_images']} images)" if c["dataset"] == "synthetic" else \
             f"{c['dataset']} (`{c['data']}`)"
         network = f"{c['arch']}{', small stem' if c['small_stem'] else ''}, {c['image_size']} px"
-        bank = " / ".join(number(r[k], ".3g") for k in BANK_FIELDS) if "pos_prob" in r else "–"
+        bank = ", ".join(f"{k} {r[k]:.3g}" for k in BANK_FIELDS if r.get(k) is not None) or "–"
         wall = ("" if r["wall_s_complete"] else "≥ ") + duration(r["wall_s"])
+        if r is floor:
+            versus = "seeds " + " / ".join(f"{v:.2f}" for v in r["knn_top1_seeds"])
+        else:
+            versus = "–" if floor is None else f"{r['knn_top1'] - floor['knn_top1']:+.2f}"
         lines.append(f"| {r['name']} | {data} | {network} | {r['epochs']} | {number(r['batch'], 'd')} "
-                     f"| {r['knn_top1']:.2f} | {r['knn_top5']:.2f} | {bank} | {wall} "
+                     f"| {r['knn_top1']:.2f} | {versus} | {r['knn_top5']:.2f} | {bank} | {wall} "
                      f"| {r['device']} | {r['commit']} |")
+    if floor is not None and len(floor["knn_top1_seeds"]) > 1:
+        seeds = floor["knn_top1_seeds"]
+        lines += ["", f"Random init: mean {floor['knn_top1']:.2f} over {len(seeds)} seeds, spread (max − min) "
+                      f"{max(seeds) - min(seeds):.2f}; a margin within the spread is not evidence of learning."]
     lines += ["", "```bash"]
     for r in rows:
         lines += [f"# {r['name']}", *r["command"]]
@@ -492,9 +536,16 @@ def main(args: Args) -> list[dict]:
     return rows
 
 
+def parse_args(argv: list[str]) -> Args:
+    """tyro's parse, with the defaults of the --preset given (else gpu)."""
+    name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), name)
+    return tyro.cli(Args, args=argv, default=PRESETS.get(name, PRESETS["gpu"]))  # tyro refuses an unknown name
+
+
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(parse_args(sys.argv[1:]))
     except (Stopped, Failed) as e:  # rows already made stay in results.json
         sys.exit(e.code)
     except EvidenceError as e:

@@ -150,7 +150,8 @@ def test_labels_are_the_argmax_of_the_other_views_key():
     assert caco.positive_labels(t0, bank).tolist() == [3, 5]
     assert caco.positive_labels(t1, bank).tolist() == [9, 1]
     q0, q1 = unit(2, c, seed=1), unit(2, c, seed=2)
-    loss, grad, pos_prob, _ = caco.caco_loss_and_bank_grad([q0, q1], [t0, t1], bank, caco.crop_pairs(2, 0), tau, mem_t)
+    loss, grad, pos_prob, _, pos_cols = caco.caco_loss_and_bank_grad([q0, q1], [t0, t1], bank, caco.crop_pairs(2, 0),
+                                                                     tau, mem_t)
     n = bank / bank.norm(dim=0)
     y_from_t1, y_from_t0 = torch.tensor([9, 1]), torch.tensor([3, 5])
     expected = F.cross_entropy(q0 @ n / tau, y_from_t1) + F.cross_entropy(q1 @ n / tau, y_from_t0)  # no ½
@@ -160,6 +161,9 @@ def test_labels_are_the_argmax_of_the_other_views_key():
     assert torch.allclose(grad, caco.bank_grad(q0, bank, y_from_t1, mem_t) + caco.bank_grad(q1, bank, y_from_t0, mem_t))
     p0, p1 = torch.softmax(q0 @ n / mem_t, 1), torch.softmax(q1 @ n / mem_t, 1)
     assert torch.allclose(pos_prob, torch.cat([p0[[0, 1], y_from_t1], p1[[0, 1], y_from_t0]]).mean())
+    assert pos_cols == 1.0  # 2 distinct positives of 2 queries, for each key crop
+    t1 = F.normalize(directions[:, [9, 9]].T + 0.05 * unit(2, c, seed=9), dim=1)  # both keys of crop 1 near column 9
+    assert caco.caco_loss_and_bank_grad([q0, q1], [t0, t1], bank, caco.crop_pairs(2, 0), tau, mem_t).pos_cols == 0.75
 
 
 def test_multi_crop_pairs_weights_and_loss():
@@ -172,7 +176,7 @@ def test_multi_crop_pairs_weights_and_loss():
     bank = raw_bank(c, k)
     queries = [unit(3, c, seed=10 + i) for i in range(8)]
     keys = [unit(3, c, seed=30), unit(3, c, seed=31)]
-    loss, grad, _, _ = caco.caco_loss_and_bank_grad(queries, keys, bank, pairs, tau, 0.08)
+    loss, grad, *_ = caco.caco_loss_and_bank_grad(queries, keys, bank, pairs, tau, 0.08)
     n = bank / bank.norm(dim=0)
     y = [(keys[j] @ n).argmax(dim=1) for j in (0, 1)]
     ce = lambda i, j: F.cross_entropy(queries[i] @ n / tau, y[j])  # noqa: E731
@@ -297,7 +301,8 @@ def test_tiny_end_to_end_as_a_user_runs_it(tmp_path):
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [2, 4, 6, 8] and [r["epoch"] for r in train] == [0, 0, 1, 1]
     for r in train:
-        assert math.isfinite(r["loss"]) and 0 < r["pos_prob"] < 1
+        assert math.isfinite(r["loss"]) and 0 < r["pos_prob"] < 1 and r["neg_share"] == pytest.approx(1 - r["pos_prob"])
+        assert 1 / 16 <= r["pos_cols"] <= 1  # distinct positives of a batch of 16
         # warm-up epochs 1 and 2 of 10: lr = 0.3 x 16/256 x (e+1)/10, bank lr 3 (e+1)/10, m = 0.99 -> 1
         assert r["lr"] == pytest.approx(0.01875 * (r["epoch"] + 1) / 10)
         assert r["mem_lr"] == pytest.approx(0.3 * (r["epoch"] + 1))
@@ -333,3 +338,19 @@ def test_help_lists_flags_with_their_docstrings(capsys):
     for flag, words in [("--mem-t", "τ_m"), ("--moco-t", "τ"), ("--bank-size", "K"), ("--batch-size", "GLOBAL"),
                         ("--multi-crop", "pairs"), ("--init-lr", "peak"), ("--mem-lr-final", "constant")]:
         assert flag in help_text and words in help_text, flag
+
+
+@pytest.mark.parametrize("bank_size,dead", [(1, True), (64, False)])
+def test_a_dead_bank_is_reported(tmp_path, bank_size, dead):
+    """neg_share (the τ_m-softmax mass on the negatives, 1 - pos_prob) is logged, and a run whose bank step has
+    vanished says so. A bank of one column is every query's positive: no negatives, p = 1, G = 0 exactly (dead);
+    with 64 columns the negatives keep most of the softmax of a barely trained network."""
+    out = tmp_path / "run"
+    proc = run_script("caco.py", *TINY, "--epochs", "1", "--bank-size", bank_size, "--no-bank-init",
+                      "--out-dir", out, "--log-every", "2")
+    shares = [json.loads(line)["neg_share"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in line]
+    assert len(shares) == 2 and all(0 <= s <= 1 for s in shares)
+    assert ("WARNING: the negatives hold" in proc.stdout) == dead
+    assert (shares[0] < caco.DEAD_BANK_SHARE) == dead
+    assert proc.stdout.count("WARNING: the negatives hold") <= 1  # once per run

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import caco
 import linear_eval
 from conftest import ROOT, _env, load
 from test_cifar_recipe import readme_recipe_commands
@@ -22,7 +23,7 @@ import evidence  # noqa: E402
 # the recipe's small stem at 32 px) for speed: the file stays near 90 s on 2 cores.
 SMOKE = ["--dataset", "synthetic", "--synthetic-images", "64", "--arch", "resnet18", "--image-size", "32",
          "--batch-size", "16", "--epochs", "1", "--workers", "0", "--negatives", "32", "--knn-every", "0",
-         "--no-small-stem"]
+         "--no-small-stem", "--random-init-seeds", "0", "1"]
 
 
 def options(tokens: list[str]) -> dict:
@@ -59,16 +60,20 @@ def test_recipes_equal_the_docs_commands():
             (f"runs/evidence/{method}", "auto", "workers")
         theirs = options(tokens[2:])
         theirs.pop("--out-dir")
+        if method == "caco":  # the warm-up is a flag of evidence.py (a short run scales it); the docs use the default
+            theirs["--warmup-epochs"] = str(caco.Args().warmup_epochs)
         assert mine == theirs, method
     # the final kNN and the random-init baseline: the docs' flags, plus k and T written out (linear_eval's
     # defaults, which the docs leave implicit) and --workers
     knn = [c for c in docs if c[1] == "linear_eval.py"]
     assert len(knn) == 2
     implicit = {"--knn-k": str(linear_eval.Args().knn_k), "--knn-t": str(linear_eval.Args().knn_t),
-                "--workers": str(defaults.workers)}
+                "--knn-train-fraction": str(linear_eval.Args().knn_train_fraction), "--workers": str(defaults.workers)}
     for tokens in knn:
         method = "random_init" if "--random-init" in tokens else "moco"
         ours = evidence.knn_command(method, defaults)
+        if method == "random_init":
+            implicit["--seed"] = str(linear_eval.Args().seed)
         assert ours[1] == "linear_eval.py"
         mine, theirs = options(ours[2:]), options(tokens[2:])
         for flag in ("--out-dir", "--checkpoint"):  # where it reads and writes
@@ -148,15 +153,25 @@ def test_every_row_and_the_table(cut_then_finished):
         assert r["commit"] and all(c.startswith(sys.executable) for c in r["command"])
         assert (r["epochs"], r["batch"]) == ((0, None) if r["method"] == "random_init" else (1, 16))
         assert "--augment-on workers" in r["command"][0] or r["method"] == "random_init"
-    adco, caco = rows[2], rows[3]
-    assert all(math.isfinite(adco[k]) for k in evidence.BANK_FIELDS)  # AdCo logs all three
-    assert caco["bank_share"] is None and math.isfinite(caco["pos_prob"]) and math.isfinite(caco["bank_norm"])
-    assert "bank_share" not in rows[0]
+    adco_row, caco_row, floor = rows[2], rows[3], rows[4]
+    assert all(math.isfinite(adco_row[k]) for k in ("bank_share", "pos_prob", "bank_norm"))
+    assert all(math.isfinite(caco_row[k]) for k in ("neg_share", "pos_prob", "pos_cols", "bank_norm"))
+    assert adco_row["neg_share"] is None and caco_row["bank_share"] is None and "bank_share" not in rows[0]
+    # the floor: one kNN per seed (each seed's own run folder and network), their mean in knn_top1
+    assert floor["seeds"] == [0, 1] and len(floor["knn_top1_seeds"]) == 2
+    assert floor["knn_top1"] == pytest.approx(sum(floor["knn_top1_seeds"]) / 2)
+    assert [("--seed 0" in c, "--seed 1" in c) for c in floor["command"]] == [(True, False), (False, True)]
+    assert all((out / f"random_init-s{s}" / "metrics.jsonl").exists() for s in (0, 1))
     table = (out / "results.md").read_text()
-    assert "| method | data | network | epochs | batch | kNN top-1 | kNN top-5 |" in table
+    assert "| method | data | network | epochs | batch | kNN top-1 | vs random init | kNN top-5 |" in table
     for r in rows:
         assert f"| {r['name']} | synthetic (64 images) |" in table and f"| {r['knn_top1']:.2f} |" in table
         assert all(c in table for c in r["command"])
+        margin = f"{r['knn_top1'] - floor['knn_top1']:+.2f}" if r is not floor else \
+            "seeds " + " / ".join(f"{v:.2f}" for v in floor["knn_top1_seeds"])
+        assert f"| {r['knn_top1']:.2f} | {margin} |" in table, r["method"]
+    spread = max(floor["knn_top1_seeds"]) - min(floor["knn_top1_seeds"])
+    assert f"mean {floor['knn_top1']:.2f} over 2 seeds, spread (max − min) {spread:.2f}" in table
 
 
 def test_a_second_call_skips_every_row(cut_then_finished, tmp_path):
@@ -189,3 +204,19 @@ def test_a_run_of_another_configuration_is_not_continued(cut_then_finished, tmp_
     code, output = run(out, "--methods", "moco", "--epochs", "2", log_path=tmp_path / "other.txt")
     assert code == 2 and "belongs to a run of another configuration (epochs 1 -> 2)" in output, output[-4000:]
     assert json.loads((out / "results.json").read_text())[0]["epochs"] == 1
+
+
+def test_presets_set_defaults_and_explicit_flags_win():
+    """--preset cpu: the budget of docs/cifar10.md's CPU table; a flag given with it still wins; no --preset is the
+    gpu recipe (the dataclass defaults, which test_recipes_equal_the_docs_commands ties to the docs)."""
+    assert evidence.parse_args([]) == evidence.Args()
+    cpu = evidence.parse_args(["--preset", "cpu"])
+    assert (cpu.dataset, cpu.small_stem, cpu.batch_size, cpu.epochs, cpu.knn_train_fraction) == \
+        ("imagefolder", False, 256, 5, 0.2)
+    assert cpu.random_init_seeds == (0, 1, 2) and cpu.caco_warmup_epochs == 1 and cpu.preset == "cpu"
+    assert evidence.parse_args(["--epochs", "3", "--preset=cpu"]).epochs == 3
+    command = evidence.pretrain_command("caco", cpu)
+    assert command[command.index("--warmup-epochs") + 1] == "1" and "--no-small-stem" in command
+    assert "--warmup-epochs" not in evidence.pretrain_command("moco", cpu)
+    with pytest.raises(SystemExit):
+        evidence.parse_args(["--preset", "tpu"])
