@@ -182,7 +182,7 @@ def bank_grad(q: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, mem_t: 
     weight 1 - p) and ASCENDS it on every negative (adversarial, weight p): no single loss has this gradient."""
     dtype = torch.promote_types(torch.promote_types(q.dtype, bank.dtype), torch.float32)  # fp32 at least
     q, bank = q.detach().to(dtype), bank.detach().to(dtype)  # (fp64 stays fp64, for tests)
-    norms = bank.norm(dim=0)  # [K]: ||W_k||
+    norms = bank.norm(dim=0).clamp_min(1e-12)  # [K]: ||W_k|| (the eps of F.normalize, as in adco.py)
     n = bank / norms  # [C, K]: n_k, unit columns
     logits = q @ n  # [N, K]: l_ik = q_i . n_k
     p_tilde = torch.softmax(logits / mem_t, dim=1)  # [N, K]: p_ik at the memory temperature τ_m
@@ -331,6 +331,7 @@ def augmentations(image_size: int, multi_crop: bool = False, blur: bool = True) 
     return [big_crop] * 2 + [small_crop] * 6
 
 
+# ==== main =========================================================================================================
 def main(args: Args) -> dict:
     """Trains and returns the final state {"encoder_q", "encoder_k", "bank", "bank_velocity"} (for tests)."""
     # ---- 1. setup: checks (RANGES, before any file is touched), processes, sizes, seeds; data; run folder
@@ -373,6 +374,13 @@ def main(args: Args) -> dict:
         with autocast():
             z = encoder(x)
         return F.normalize(z.float(), dim=1)
+
+    def sgd_step(loss: torch.Tensor) -> None:
+        """The network's LARS step (DDP averages the gradient over ranks); the bank is outside DDP and the optimizer."""
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     # ---- 3. restore: W and v continue exactly where they were (bank initialisation is never redone)
     start_epoch, start_batch, step = restore_training(run, encoder_q, encoder_k, optimizer, scaler)
     if run.ckpt is not None:
@@ -404,10 +412,7 @@ def main(args: Args) -> dict:
                     momentum_update(encoder_q, encoder_k, args.moco_m)
                     k = embed(encoder_k, to_device(views[1]))  # [N, C]: key of the other view
                 init_loss = F.cross_entropy(*init_logits(q, k, bank, args.init_t))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(init_loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                sgd_step(init_loss)
                 # W[:, f : f+B] <- all_gather(k)ᵀ, rank order, on every rank; if K % B != 0 the last step writes K - f
                 take = min(args.batch_size, args.bank_size - filled)
                 bank[:, filled:filled + take] = concat_all_gather(k)[:take].T
@@ -454,10 +459,7 @@ def main(args: Args) -> dict:
                     momentum_update(encoder_q, encoder_k, key_m)
                     keys = [embed(encoder_k, x) for x in crops[:2]]
                 out = caco_loss_and_bank_grad(queries, keys, bank, pairs, args.moco_t, args.mem_t)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()  # DDP averages the network gradient over ranks
-                scaler.step(optimizer)
-                scaler.update()
+                sgd_step(out.loss)
                 # METHOD: the bank step, from the same pre-step queries: G averaged over ranks (ONE all-reduce of
                 # [C, K], also with multi-crop), then v <- μ_m v + G, W <- W - η_e v, identical on every rank
                 bank_momentum_step(bank, bank_velocity, all_reduce_mean(out.grad), mem_lr, args.mem_momentum)

@@ -468,8 +468,8 @@ def results_markdown(rows: list[dict]) -> str:
              "memory, the val/test split as queries. Bank diagnostics: the last training log record of the run "
              "(bank_share / neg_share: the negatives' share of the τ_m-softmax, AdCo / CaCo; pos_prob: the "
              "positive's probability; pos_cols: CaCo's distinct positive columns per query; bank_norm: the mean "
-             "bank column norm). Random init: the mean over its seeds. Wall time: every process of the row, over all calls (≥: a call "
-             "was killed without a chance to count its running process). "
+             "bank column norm). Random init: the mean over its seeds. Wall time: every process of the row, over "
+             "all calls (≥: a call was killed without a chance to count its running process). "
              "Written by benchmarks/evidence.py; every number comes from the commands below the table.", "",
              "| method | data | network | epochs | batch | kNN top-1 | vs random init | kNN top-5 "
              "| bank diagnostics | wall time | device | commit |",
