@@ -58,7 +58,7 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "moco_co2": ("moco_co2.py", ["--no-blur", "--mlp-dim", "512", "--weight-decay", "5e-4", "--moco-m", "0.99",
                                  "--moco-t", "0.1", "--co2-alpha", "1", "--co2-tau", "0.05", "--bn-splits", "8"]),
     "adco": ("adco.py", ["--no-blur", "--mlp-dim", "512", "--weight-decay", "5e-4", "--moco-m", "0.99",
-                         "--bn-splits", "8"]),
+                         "--mem-lr", "0.75", "--bn-splits", "8"]),
     # CaCo's kNN monitor defaults differ from the others', so its recipe sets them (docs/cifar10.md)
     "caco": ("caco.py", ["--no-blur", "--mlp-dim", "512", "--knn-k", "200", "--knn-t", "0.1",
                          "--knn-train-fraction", "1"]),
