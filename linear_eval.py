@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from typing import Literal, Optional
 
 import torch
@@ -801,24 +802,35 @@ def first_host(nodelist: str) -> str:
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; `srun` sets SLURM_PROCID /
     SLURM_NTASKS / SLURM_LOCALID, used when RANK is absent, with MASTER_ADDR (default: the job's first host) and
-    MASTER_PORT (default: 20000 + job id mod 10000). Plain `python` is one process without a process group.
-    NCCL on GPUs, gloo on CPU. The local rank only picks the GPU."""
-    env = os.environ
+    MASTER_PORT (default: 20000 + (job id + 1000 x step id) mod 10000, so concurrent steps of a job differ), where
+    rank 0 serves a TCPStore; a rank that finds no rendezvous within RENDEZVOUS_TIMEOUT seconds (default 300) stops
+    with one line. Plain `python` is one process without a process group. NCCL on GPUs, gloo on CPU. The local
+    rank only picks the GPU."""
+    env, store = os.environ, None
     tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
     if "RANK" not in env and "SLURM_PROCID" in env and tasks > 1:  # one srun task per GPU
+        job, step = (int(env.get(name, "0")) for name in ("SLURM_JOB_ID", "SLURM_STEP_ID"))
         env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
         env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", ""))))
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
+        env.setdefault("MASTER_PORT", str(20000 + (job + 1000 * step) % 10000))
+        where, seconds = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}", float(env.get("RENDEZVOUS_TIMEOUT", "300"))
+        try:
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), tasks, env["RANK"] == "0",
+                                  timedelta(seconds=seconds))  # rank 0 waits until every rank has joined
+        except RuntimeError as e:  # DistStoreError (ranks missing), DistNetworkError (no server, port in use)
+            raise UserError(f"rank {env['RANK']} of {tasks} found no rendezvous at {where} within {seconds:g} s "
+                            f"({str(e).strip().splitlines()[0]}); start all {tasks} tasks with srun, not plain "
+                            f"python in a multi-task allocation") from None
     if "RANK" not in env:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, store=store, rank=rank, world_size=world)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     return rank, world, device
 
 
@@ -1085,7 +1097,8 @@ def cli(main, args_type) -> None:
 
 class GracefulStop:
     """SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C, SLURM's --signal) ask the run to stop after the current
-    step with a checkpoint; a second signal ends the process at once. The ranks agree on the step: each step
+    step with a checkpoint. A repeated SIGTERM or SIGUSR1 asks again (under torchrun a worker gets SLURM's signal
+    twice: directly and forwarded); a second Ctrl-C ends the process at once. The ranks agree on the step: each step
     every rank starts an all-reduce (MAX) of its flag on a CPU (gloo) group and reads the previous step's
     result, so a signal to any one rank stops all of them at the same step, without a GPU sync."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -1098,8 +1111,8 @@ class GracefulStop:
 
     def handler(self, signum, frame) -> None:
         self.received = signum
-        for s in self.SIGNALS:
-            signal.signal(s, signal.SIG_DFL)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def agreed(self) -> int:
         """The signal (a number) every rank stops for at this step, or 0. Called once per step by every rank."""
