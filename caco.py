@@ -31,6 +31,7 @@ math -> model, augmentations -> main() -> appendix: fenced plumbing, byte-identi
 import copy
 import errno
 import fcntl
+import glob
 import json
 import math
 import os
@@ -42,6 +43,7 @@ import socket
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Literal, NamedTuple, Optional
@@ -616,7 +618,8 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 def lock_run_folder(out_dir: str) -> None:
     """One job per --out-dir: rank 0 holds an OS lock on <out-dir>/.lock for the life of the process (released
-    by the kernel even after kill -9). A second job is refused in one line."""
+    by the kernel even after kill -9). A second job is refused in one line. Holding the lock, it removes the temp
+    checkpoints that processes killed in mid-write left (no live job can own them)."""
     global RUN_LOCK
     error = None
     if not is_distributed() or dist.get_rank() == 0:
@@ -626,6 +629,9 @@ def lock_run_folder(out_dir: str) -> None:
             fcntl.flock(RUN_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
             RUN_LOCK.seek(0), RUN_LOCK.truncate(), RUN_LOCK.write(f"{socket.gethostname()} {os.getpid()}\n")
             RUN_LOCK.flush()
+            for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp.*")):
+                os.remove(stale)
+                print(f"removed {stale}, a temporary checkpoint left by a process killed while writing it")
         except BlockingIOError:
             RUN_LOCK.seek(0)
             error = f"--out-dir {out_dir} is in use by another job ({RUN_LOCK.read().strip()}, host and pid)"
@@ -676,8 +682,20 @@ def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
     return found
 
 
+def check_crc(path: str) -> None:
+    """torch.save writes a CRC-32 checksum of every record (the pickled structure, each tensor's bytes) into the zip
+    file, but torch.load never checks them: a file damaged on disk is refused here (a non-zip file by torch.load)."""
+    try:
+        damaged = zipfile.is_zipfile(path) and zipfile.ZipFile(path).testzip()  # the first bad record, or None
+    except zipfile.BadZipFile as e:  # a damaged header
+        damaged = str(e)
+    if damaged:
+        raise UserError(f"{path} is damaged: {damaged} does not match the CRC-32 checksum written with it")
+
+
 def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     """Loads a checkpoint of THIS method and checks that the arguments in `must_match` are unchanged."""
+    check_crc(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (torch.load raises many kinds: KeyError for text, UnpicklingError, ...)
@@ -907,9 +925,10 @@ class StepTail:
         if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
             bad = os.path.join(self.args.out_dir, f"nonfinite_step{step}.pt")  # last.pt stays the last good state
             self.save(bad, self.checkpoint_state(epoch, done))
-            raise UserError(f"non-finite loss or state at epoch {epoch}, step {step} ({record}); "
-                            f"{os.path.join(self.args.out_dir, 'last.pt')} is the last good checkpoint, "
-                            f"the diverged state is in {bad}")
+            last = os.path.join(self.args.out_dir, "last.pt")
+            kept = f"{last} is the last good checkpoint" if os.path.exists(last) else "no checkpoint was written before"
+            raise UserError(f"non-finite loss or state at epoch {epoch}, step {step} ({record}); {kept}, the diverged "
+                            f"state is in {bad}")
         if self.run.device.type == "cuda":
             record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.run.device) / 2**30
         self.metrics.write(record)

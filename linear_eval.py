@@ -31,6 +31,7 @@ checkpoint formats, the deviations from the official code and more commands.
 
 import errno
 import fcntl
+import glob
 import json
 import math
 import os
@@ -43,6 +44,7 @@ import socket
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from typing import Literal, Optional
@@ -405,6 +407,7 @@ def read_backbone(path: str) -> tuple[dict, str, bool, str]:
     """
     if not os.path.isfile(path):
         raise UserError(f"--checkpoint {path}: no such file")
+    check_crc(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -736,8 +739,10 @@ def main(args: Args) -> dict:
                               "train_top1": 100 * totals[1] / totals[2],
                               "img_per_s": totals[2] * world / elapsed}
                     if not all(math.isfinite(v) for v in totals):
-                        raise UserError(f"non-finite loss at epoch {epoch}, step {step} ({record}); lower --lr; "
-                                        f"{os.path.join(args.out_dir, 'last.pt')} is the last good checkpoint")
+                        last = os.path.join(args.out_dir, "last.pt")
+                        raise UserError(f"non-finite loss at epoch {epoch}, step {step} ({record}); lower --lr; " +
+                                        (f"{last} is the last good checkpoint" if os.path.exists(last) else
+                                         "no checkpoint was written before"))
                     if not end_of_epoch:  # the end-of-epoch record also carries the val accuracy
                         metrics.write(record)
                     console.print(f"epoch {epoch} [{done}/{steps_per_epoch}] step {step}  loss {record['loss']:.4f}  "
@@ -939,7 +944,8 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 def lock_run_folder(out_dir: str) -> None:
     """One job per --out-dir: rank 0 holds an OS lock on <out-dir>/.lock for the life of the process (released
-    by the kernel even after kill -9). A second job is refused in one line."""
+    by the kernel even after kill -9). A second job is refused in one line. Holding the lock, it removes the temp
+    checkpoints that processes killed in mid-write left (no live job can own them)."""
     global RUN_LOCK
     error = None
     if not is_distributed() or dist.get_rank() == 0:
@@ -949,6 +955,9 @@ def lock_run_folder(out_dir: str) -> None:
             fcntl.flock(RUN_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
             RUN_LOCK.seek(0), RUN_LOCK.truncate(), RUN_LOCK.write(f"{socket.gethostname()} {os.getpid()}\n")
             RUN_LOCK.flush()
+            for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp.*")):
+                os.remove(stale)
+                print(f"removed {stale}, a temporary checkpoint left by a process killed while writing it")
         except BlockingIOError:
             RUN_LOCK.seek(0)
             error = f"--out-dir {out_dir} is in use by another job ({RUN_LOCK.read().strip()}, host and pid)"
@@ -999,8 +1008,20 @@ def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
     return found
 
 
+def check_crc(path: str) -> None:
+    """torch.save writes a CRC-32 checksum of every record (the pickled structure, each tensor's bytes) into the zip
+    file, but torch.load never checks them: a file damaged on disk is refused here (a non-zip file by torch.load)."""
+    try:
+        damaged = zipfile.is_zipfile(path) and zipfile.ZipFile(path).testzip()  # the first bad record, or None
+    except zipfile.BadZipFile as e:  # a damaged header
+        damaged = str(e)
+    if damaged:
+        raise UserError(f"{path} is damaged: {damaged} does not match the CRC-32 checksum written with it")
+
+
 def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     """Loads a checkpoint of THIS method and checks that the arguments in `must_match` are unchanged."""
+    check_crc(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (torch.load raises many kinds: KeyError for text, UnpicklingError, ...)

@@ -1,6 +1,6 @@
 """Faults common on clusters, met as a user meets them: preemption signals (real subprocesses, real signals, to the
 workers and to torchrun together as SLURM sends them), srun-style launch and rendezvous, the sbatch examples' requeue
-rule, a full disk, two jobs on one folder, a torn metrics line, nonsense numbers.
+rule, a full disk, a damaged checkpoint, two jobs on one folder, a torn metrics line, nonsense numbers.
 
 The plumbing under test is the fenced blocks, identical in every script (tests/test_shared_blocks.py), so most
 tests drive moco_co2.py; the resume-after-signal test runs all three methods."""
@@ -149,15 +149,19 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_how_much_is_needed(t
 
 
 def test_one_job_per_out_dir(tmp_path):
-    """A live job's lock refuses a second job in one line; --resume PATH never writes into another run's folder."""
+    """A live job's lock refuses a second job in one line and its temporary checkpoint is left alone; once the lock is
+    free, such a file is a dead writer's and is removed. --resume PATH never writes into another run's folder."""
     out = tmp_path / "run"
     out.mkdir()
+    temp = out / "last.pt.tmp.othernode.4242"  # being written by that job, or left by a process killed meanwhile
+    temp.write_bytes(b"partial")
     with open(out / ".lock", "a+") as held:  # another live job
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         proc = run_script("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "1", "--out-dir", out, check=False)
     assert proc.returncode == 2 and "is in use by another job" in proc.stderr and proc.stderr.count("\n") == 1
-    assert not (out / "last.pt").exists()
-    run_script("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "1", "--out-dir", out)
+    assert not (out / "last.pt").exists() and temp.exists()  # a live job's file is never touched
+    proc = run_script("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "1", "--out-dir", out)
+    assert not temp.exists() and f"removed {temp}" in proc.stdout  # the lock is free: its writer is dead
     other = tmp_path / "other"
     run_script("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "1", "--out-dir", other)
     files = {p.name: p.read_bytes() for p in other.iterdir()}
@@ -344,3 +348,29 @@ def test_a_rank_without_its_peers_says_what_it_waits_for(tmp_path):
     assert proc.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-3000:]
     assert f"rank 0 of 2 found no rendezvous at 127.0.0.1:{port}" in err and "within 2 s" in err
     assert not (tmp_path / "run").exists()
+
+
+# ---- checkpoints that can be trusted -------------------------------------------------------------------------------
+def test_a_checkpoint_damaged_in_place_is_refused_in_one_line(tmp_path):
+    """4 KiB overwritten inside last.pt, same size: torch.load would read it; the checksums written with it do not
+    match, so --resume refuses it in one line and the run neither starts nor changes a file."""
+    out = tmp_path / "run"
+    moco_co2.main(tiny(out))
+    data = bytearray((out / "last.pt").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = os.urandom(4096)
+    (out / "last.pt").write_bytes(data)
+    assert load(out / "last.pt")["step"] == 4  # what made it dangerous: it still loads
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = run_script("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "2", "--resume", "auto",
+                      "--out-dir", out, check=False)
+    assert proc.returncode == 2 and "last.pt is damaged" in proc.stderr and "CRC-32" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+def test_the_non_finite_message_names_only_files_that_exist(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="non-finite") as error:  # lr 1e30: diverges before the first checkpoint
+        moco_co2.main(tiny(out, lr=1e30))
+    named = [word.strip(",;()") for word in str(error.value).split() if str(out) in word]
+    assert named and all(os.path.exists(path) for path in named) and not (out / "last.pt").exists()
+    assert "no checkpoint was written before" in str(error.value)
