@@ -36,6 +36,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -684,12 +685,15 @@ def save_checkpoint(path: str, state: dict) -> None:
             raise OSError(errno.ENOSPC, "not enough free space")
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk or a file size limit as RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:80]}"
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]  # ulimit -f, which torch.save's message does not name
+        if limit != resource.RLIM_INFINITY and limit < need:
+            why = f"{os.strerror(errno.EFBIG)}: this process may write files of at most {limit / 2**30:.2f} GiB"
         raise UserError(f"cannot write {path}: {free / 2**30:.2f} GiB free in {folder}, a checkpoint needs about "
-                        f"{need / 2**30:.2f} GiB ({type(e).__name__}: {str(e).strip().splitlines()[0][:80]}); "
-                        f"the previous checkpoint is kept") from None
+                        f"{need / 2**30:.2f} GiB ({why}); the previous checkpoint is kept") from None
 
 
 def lock_run_folder(out_dir: str) -> None:
@@ -1038,16 +1042,26 @@ class StepTail:
 # >>> shared: entry
 def cli(main, args_type) -> None:
     """Parses Args with tyro (--help comes from the field docstrings) and runs main. A UserError becomes one
-    line on stderr and exit code 2, no traceback. Always tears down the process group."""
+    line on stderr and exit code 2, a full /dev/shm one line and exit code 1, no traceback. Always tears down the
+    process group."""
     args = tyro.cli(args_type, console_outputs=os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
+
+    def exit_with_one_line(message: str, code: int) -> None:
+        prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
+        Console(stderr=True, soft_wrap=True).print(f"{prefix}error: {message}", markup=False, highlight=False)
+        sys.exit(code)
+
     try:
         main(args)
     except UserError as e:
         # a UserError raised inside a DataLoader worker arrives wrapped with the worker's traceback text
-        message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
-        prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
-        Console(stderr=True, soft_wrap=True).print(f"{prefix}error: {message}", markup=False, highlight=False)
-        sys.exit(2)
+        exit_with_one_line(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1], 2)
+    except RuntimeError as e:  # a crash keeps its traceback; a full /dev/shm, which the user can fix, is one line
+        if not re.search(r"shared memory.*No space left|out of shared memory", str(e)):
+            raise
+        free = shutil.disk_usage("/dev/shm").free / 2**20
+        exit_with_one_line(f"the DataLoader workers ran out of shared memory ({free:.0f} MiB free in /dev/shm): use "
+                           f"fewer --workers, or a larger /dev/shm (a container's --shm-size)", 1)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

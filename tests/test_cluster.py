@@ -1,12 +1,14 @@
 """Faults common on clusters, met as a user meets them: preemption signals (real subprocesses, real signals, to the
 workers and to torchrun together as SLURM sends them), srun-style launch and rendezvous, the sbatch examples' requeue
-rule, a full disk, a damaged checkpoint, two jobs on one folder, a torn metrics line, nonsense numbers.
+rule, a full disk or /dev/shm, a file size limit, a damaged checkpoint, two jobs on one folder, a torn metrics line,
+nonsense numbers.
 
 The plumbing under test is the fenced blocks, identical in every script (tests/test_shared_blocks.py), so most
 tests drive moco_co2.py; the resume-after-signal test runs all three methods."""
 import fcntl
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -350,7 +352,7 @@ def test_a_rank_without_its_peers_says_what_it_waits_for(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-# ---- checkpoints that can be trusted -------------------------------------------------------------------------------
+# ---- checkpoints that can be trusted, and the smaller faults -------------------------------------------------------
 def test_a_checkpoint_damaged_in_place_is_refused_in_one_line(tmp_path):
     """4 KiB overwritten inside last.pt, same size: torch.load would read it; the checksums written with it do not
     match, so --resume refuses it in one line and the run neither starts nor changes a file."""
@@ -374,3 +376,45 @@ def test_the_non_finite_message_names_only_files_that_exist(tmp_path):
     named = [word.strip(",;()") for word in str(error.value).split() if str(out) in word]
     assert named and all(os.path.exists(path) for path in named) and not (out / "last.pt").exists()
     assert "no checkpoint was written before" in str(error.value)
+
+
+def test_a_file_size_limit_is_named(tmp_path):
+    """`ulimit -f` (RLIMIT_FSIZE) below a checkpoint's size: torch.save fails with a message that does not say why;
+    the line names "File too large" and the limit, and no temporary file is left."""
+    out = tmp_path / "run"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**24, hard))  # 16 MiB: a ResNet-18 checkpoint needs ~90 MiB
+    try:
+        with pytest.raises(UserError, match=r"cannot write .*last.pt: .*\(File too large: this process may write "
+                                            r"files of at most 0.02 GiB\); the previous checkpoint is kept"):
+            moco_co2.main(tiny(out, stop_at_step=1))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert not (out / "last.pt").exists() and not list(out.glob("*.tmp*"))
+
+
+def test_a_full_dev_shm_is_one_line_saying_what_to_do(tmp_path):
+    """DataLoader workers under a 64 KiB /dev/shm (a private mount namespace: the machine's /dev/shm is untouched)."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -rm (user and mount namespaces) to give the run its own small /dev/shm")
+    cmd = ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs /dev/shm && exec "$0" "$@"',
+           sys.executable, ROOT / "moco_co2.py", *TINY[:-4], "--workers", "1", "--queue-size", "64",
+           "--out-dir", tmp_path / "run"]
+    proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert "ran out of shared memory" in proc.stderr and "fewer --workers" in proc.stderr
+
+
+def test_linear_eval_knn_shows_progress_and_stops_on_sigterm_with_one_line(tmp_path):
+    """--knn extracts features for a long time: a progress bar in a terminal (FORCE_COLOR makes the pipe one), and
+    SIGTERM stops it after the current batch with a line and exit 143 (100,000 lazily made images: never finished)."""
+    proc = start("linear_eval.py", "--knn", "--random-init", "--arch", "resnet18", "--dataset", "synthetic",
+                 "--synthetic-images", "100000", "--image-size", "32", "--batch-size", "16", "--workers", "0",
+                 "--out-dir", tmp_path / "knn", env={"FORCE_COLOR": "1", "COLUMNS": "200"})
+    for line in proc.stdout:  # rich redraws the bar with \r, which the text pipe reads as line ends
+        if "kNN features" in line and "/125000" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert "stopped by SIGTERM during the kNN feature extraction" in out and not (tmp_path / "knn").exists()
