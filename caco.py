@@ -31,18 +31,22 @@ math -> model, augmentations -> main() -> appendix: fenced plumbing, byte-identi
 import copy
 import errno
 import fcntl
+import glob
 import json
 import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Literal, NamedTuple, Optional
 
 import torch
@@ -494,24 +498,35 @@ def first_host(nodelist: str) -> str:
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; `srun` sets SLURM_PROCID /
     SLURM_NTASKS / SLURM_LOCALID, used when RANK is absent, with MASTER_ADDR (default: the job's first host) and
-    MASTER_PORT (default: 20000 + job id mod 10000). Plain `python` is one process without a process group.
-    NCCL on GPUs, gloo on CPU. The local rank only picks the GPU."""
-    env = os.environ
+    MASTER_PORT (default: 20000 + (job id + 1000 x step id) mod 10000, so concurrent steps of a job differ), where
+    rank 0 serves a TCPStore; a rank that finds no rendezvous within RENDEZVOUS_TIMEOUT seconds (default 300) stops
+    with one line. Plain `python` is one process without a process group. NCCL on GPUs, gloo on CPU. The local
+    rank only picks the GPU."""
+    env, store = os.environ, None
     tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
     if "RANK" not in env and "SLURM_PROCID" in env and tasks > 1:  # one srun task per GPU
+        job, step = (int(env.get(name, "0")) for name in ("SLURM_JOB_ID", "SLURM_STEP_ID"))
         env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
         env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", ""))))
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
+        env.setdefault("MASTER_PORT", str(20000 + (job + 1000 * step) % 10000))
+        where, seconds = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}", float(env.get("RENDEZVOUS_TIMEOUT", "300"))
+        try:
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), tasks, env["RANK"] == "0",
+                                  timedelta(seconds=seconds))  # rank 0 waits until every rank has joined
+        except RuntimeError as e:  # DistStoreError (ranks missing), DistNetworkError (no server, port in use)
+            raise UserError(f"rank {env['RANK']} of {tasks} found no rendezvous at {where} within {seconds:g} s "
+                            f"({str(e).strip().splitlines()[0]}); start all {tasks} tasks with srun, not plain "
+                            f"python in a multi-task allocation") from None
     if "RANK" not in env:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, store=store, rank=rank, world_size=world)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     return rank, world, device
 
 
@@ -610,17 +625,21 @@ def save_checkpoint(path: str, state: dict) -> None:
             raise OSError(errno.ENOSPC, "not enough free space")
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk or a file size limit as RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:80]}"
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]  # ulimit -f, which torch.save's message does not name
+        if limit != resource.RLIM_INFINITY and limit < need:
+            why = f"{os.strerror(errno.EFBIG)}: this process may write files of at most {limit / 2**30:.2f} GiB"
         raise UserError(f"cannot write {path}: {free / 2**30:.2f} GiB free in {folder}, a checkpoint needs about "
-                        f"{need / 2**30:.2f} GiB ({type(e).__name__}: {str(e).strip().splitlines()[0][:80]}); "
-                        f"the previous checkpoint is kept") from None
+                        f"{need / 2**30:.2f} GiB ({why}); the previous checkpoint is kept") from None
 
 
 def lock_run_folder(out_dir: str) -> None:
     """One job per --out-dir: rank 0 holds an OS lock on <out-dir>/.lock for the life of the process (released
-    by the kernel even after kill -9). A second job is refused in one line."""
+    by the kernel even after kill -9). A second job is refused in one line. Holding the lock, it removes the temp
+    checkpoints that processes killed in mid-write left (no live job can own them)."""
     global RUN_LOCK
     error = None
     if not is_distributed() or dist.get_rank() == 0:
@@ -630,6 +649,9 @@ def lock_run_folder(out_dir: str) -> None:
             fcntl.flock(RUN_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
             RUN_LOCK.seek(0), RUN_LOCK.truncate(), RUN_LOCK.write(f"{socket.gethostname()} {os.getpid()}\n")
             RUN_LOCK.flush()
+            for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp.*")):
+                os.remove(stale)
+                print(f"removed {stale}, a temporary checkpoint left by a process killed while writing it")
         except BlockingIOError:
             RUN_LOCK.seek(0)
             error = f"--out-dir {out_dir} is in use by another job ({RUN_LOCK.read().strip()}, host and pid)"
@@ -680,8 +702,20 @@ def resolve_resume(resume: Optional[str], out_dir: str) -> Optional[str]:
     return found
 
 
+def check_crc(path: str) -> None:
+    """torch.save writes a CRC-32 checksum of every record (the pickled structure, each tensor's bytes) into the zip
+    file, but torch.load never checks them: a file damaged on disk is refused here (a non-zip file by torch.load)."""
+    try:
+        damaged = zipfile.is_zipfile(path) and zipfile.ZipFile(path).testzip()  # the first bad record, or None
+    except zipfile.BadZipFile as e:  # a damaged header
+        damaged = str(e)
+    if damaged:
+        raise UserError(f"{path} is damaged: {damaged} does not match the CRC-32 checksum written with it")
+
+
 def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     """Loads a checkpoint of THIS method and checks that the arguments in `must_match` are unchanged."""
+    check_crc(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (torch.load raises many kinds: KeyError for text, UnpicklingError, ...)
@@ -911,9 +945,10 @@ class StepTail:
         if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
             bad = os.path.join(self.args.out_dir, f"nonfinite_step{step}.pt")  # last.pt stays the last good state
             self.save(bad, self.checkpoint_state(epoch, done))
-            raise UserError(f"non-finite loss or state at epoch {epoch}, step {step} ({record}); "
-                            f"{os.path.join(self.args.out_dir, 'last.pt')} is the last good checkpoint, "
-                            f"the diverged state is in {bad}")
+            last = os.path.join(self.args.out_dir, "last.pt")
+            kept = f"{last} is the last good checkpoint" if os.path.exists(last) else "no checkpoint was written before"
+            raise UserError(f"non-finite loss or state at epoch {epoch}, step {step} ({record}); {kept}, the diverged "
+                            f"state is in {bad}")
         if self.run.device.type == "cuda":
             record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.run.device) / 2**30
         self.metrics.write(record)
@@ -947,16 +982,26 @@ class StepTail:
 # >>> shared: entry
 def cli(main, args_type) -> None:
     """Parses Args with tyro (--help comes from the field docstrings) and runs main. A UserError becomes one
-    line on stderr and exit code 2, no traceback. Always tears down the process group."""
+    line on stderr and exit code 2, a full /dev/shm one line and exit code 1, no traceback. Always tears down the
+    process group."""
     args = tyro.cli(args_type, console_outputs=os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
+
+    def exit_with_one_line(message: str, code: int) -> None:
+        prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
+        Console(stderr=True, soft_wrap=True).print(f"{prefix}error: {message}", markup=False, highlight=False)
+        sys.exit(code)
+
     try:
         main(args)
     except UserError as e:
         # a UserError raised inside a DataLoader worker arrives wrapped with the worker's traceback text
-        message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
-        prefix = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
-        Console(stderr=True, soft_wrap=True).print(f"{prefix}error: {message}", markup=False, highlight=False)
-        sys.exit(2)
+        exit_with_one_line(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1], 2)
+    except RuntimeError as e:  # a crash keeps its traceback; a full /dev/shm, which the user can fix, is one line
+        if not re.search(r"shared memory.*No space left|out of shared memory", str(e)):
+            raise
+        free = shutil.disk_usage("/dev/shm").free / 2**20
+        exit_with_one_line(f"the DataLoader workers ran out of shared memory ({free:.0f} MiB free in /dev/shm): use "
+                           f"fewer --workers, or a larger /dev/shm (a container's --shm-size)", 1)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -967,7 +1012,8 @@ def cli(main, args_type) -> None:
 
 class GracefulStop:
     """SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C, SLURM's --signal) ask the run to stop after the current
-    step with a checkpoint; a second signal ends the process at once. The ranks agree on the step: each step
+    step with a checkpoint. A repeated SIGTERM or SIGUSR1 asks again (under torchrun a worker gets SLURM's signal
+    twice: directly and forwarded); a second Ctrl-C ends the process at once. The ranks agree on the step: each step
     every rank starts an all-reduce (MAX) of its flag on a CPU (gloo) group and reads the previous step's
     result, so a signal to any one rank stops all of them at the same step, without a GPU sync."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -980,8 +1026,8 @@ class GracefulStop:
 
     def handler(self, signum, frame) -> None:
         self.received = signum
-        for s in self.SIGNALS:
-            signal.signal(s, signal.SIG_DFL)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def agreed(self) -> int:
         """The signal (a number) every rank stops for at this step, or 0. Called once per step by every rank."""

@@ -771,8 +771,9 @@ def ignore_stop_signals(worker_id: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def extract_features(backbone: nn.Module, dataset, batch_size: int, device: torch.device, workers: int = 0,
-                     autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     autocast=None, on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised backbone features and labels of the *whole* dataset, in dataset order, on every rank.
+    on_batch(images) is called after each batch (a progress bar; every rank calls it equally often).
 
     Rank r embeds images r, r+R, r+2R, ... (the index list is padded to a multiple of R so that
     all_gather sees equal shapes); the gathered result is re-interleaved and the padding dropped, so no
@@ -804,6 +805,8 @@ def extract_features(backbone: nn.Module, dataset, batch_size: int, device: torc
                 out = backbone(images)
             feats.append(F.normalize(out.float(), dim=1))
             labels.append(targets.to(device))
+            if on_batch is not None:
+                on_batch(len(targets))
         feats, labels = torch.cat(feats), torch.cat(labels)
     except Exception as e:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)
         if world == 1:
@@ -859,7 +862,7 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
 
 
 def knn_accuracy(backbone: nn.Module, train_set, val_set, batch_size: int, device: torch.device,
-                 k: int = 200, t: float = 0.1, workers: int = 0, autocast=None) -> tuple[float, float]:
+                 k: int = 200, t: float = 0.1, workers: int = 0, autocast=None, on_batch=None) -> tuple[float, float]:
     """kNN top-1 / top-5 (percent) of `val_set`, using `train_set` (with the eval transform) as memory.
 
     Switches the backbone to eval mode for the extraction and restores its previous mode afterwards.
@@ -867,8 +870,9 @@ def knn_accuracy(backbone: nn.Module, train_set, val_set, batch_size: int, devic
     was_training = backbone.training
     backbone.eval()
     try:
-        train_feats, train_labels = extract_features(backbone, train_set, batch_size, device, workers, autocast)
-        val_feats, val_labels = extract_features(backbone, val_set, batch_size, device, workers, autocast)
+        train_feats, train_labels = extract_features(backbone, train_set, batch_size, device, workers, autocast,
+                                                     on_batch)
+        val_feats, val_labels = extract_features(backbone, val_set, batch_size, device, workers, autocast, on_batch)
     finally:
         backbone.train(was_training)
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
