@@ -307,21 +307,27 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, half: int) -> torch.Tensor:
     """Separable Gaussian blur with each sample's own sigma [N] and 2 half + 1 taps exp(-t² / 2σ²), normalised
-    to sum 1; reflect padding. The same as torchvision's gaussian_blur with that kernel size, per sample."""
+    to sum 1. Beyond its borders the image is mirrored about its edges (c b a | a b c: torchvision's
+    padding_mode="symmetric"), which comes closest to PIL's blur, three box passes that each repeat the edge
+    pixel (docs/augment.md, "Blur at the borders"). Equals torchvision's gaussian_blur with that kernel size of
+    the image padded so by `half` pixels, per sample."""
     n, c, height, width = x.shape
     t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [N*3, taps]
-    y = F.pad(x.reshape(1, n * c, height, width), (half, half, half, half), mode="reflect")
+
+    def mirrored(size: int) -> torch.Tensor:  # the pixel that each padded position copies: -1 -> 0, -2 -> 1, ...
+        i = torch.arange(-half, size + half, device=x.device) % (2 * size)
+        return torch.where(i < size, i, 2 * size - 1 - i)
+    y = x.reshape(1, n * c, height, width)[:, :, mirrored(height)][:, :, :, mirrored(width)]
     y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)  # along rows
     y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)  # along columns
     return y.reshape(n, c, height, width)
 
 
 def blur_half_width(view: View) -> int:
-    """Kernel half-width: 3 sigma_max (the Gaussian beyond holds 0.3 % of its mass), less for tiny crops (reflect
-    padding needs half < size)."""
-    return max(1, min(math.ceil(3 * view.blur_sigma[1]), view.size - 1))
+    """Kernel half-width: 3 sigma_max (the Gaussian beyond holds 0.3 % of its mass)."""
+    return math.ceil(3 * view.blur_sigma[1])
 
 
 def solarize(x: torch.Tensor) -> torch.Tensor:
