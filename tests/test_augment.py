@@ -1,13 +1,15 @@
 """--augment-on device: the batched executor of common.py against torchvision, its oracle.
 
-1. Same parameters, same pixels: every operator, and whole views sample by sample, against torchvision's own
-   tensor functions (tight tolerances), and each operator against the PIL path (stated tolerances).
+1. Same parameters, same pixels: every operator, and whole views sample by sample (each view with its own
+   draw), against torchvision's own tensor functions (tight tolerances), and each operator against the PIL path
+   (stated tolerances; the blur also at the border, on hard edges).
 2. Same distributions: over thousands of draws with fixed seeds, the crop sampler matches torchvision's
    RandomResizedCrop.get_params (KS distance on area, aspect, position, and the fallback rate), the jitter factors
    and orders match ColorJitter.get_params, and every coin lands at its probability.
 3. Same images out: each method's views, run by both paths over a folder of JPEGs, give the same per-channel
    mean and standard deviation.
-4. Training with --augment-on device resumes bitwise on CPU; in-memory datasets and decoding on the device.
+4. Training with --augment-on device resumes bitwise on CPU; in-memory datasets and decoding on the device;
+   two ranks split each epoch and draw their own augmentations.
 """
 import math
 
@@ -22,7 +24,7 @@ import adco
 import caco
 import common as C
 import moco_co2
-from conftest import TINY, assert_state_equal, final_state, load, run_script, run_torchrun, write_cifar10
+from conftest import assert_state_equal, final_state, load, run_script, run_torchrun, write_cifar10
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work (docs/augment.md)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -162,20 +164,24 @@ def torchvision_view(image: torch.Tensor, view: C.View, p: dict, i: int) -> torc
 
 
 @pytest.mark.parametrize("as_list", [False, True])
-def test_a_whole_view_equals_torchvision_sample_by_sample(as_list):
-    """DeviceAugment draws its params with draw_params, first thing; replaying the same seed gives them, and
-    torchvision's functions driven by them give the same view (batched tensor and per-file list alike)."""
+def test_whole_views_equal_torchvision_sample_by_sample(as_list):
+    """DeviceAugment draws each view's params with draw_params, first thing, one view after the other; replaying
+    the same seed gives them, and torchvision's functions driven by them give the same views (batched tensor and
+    per-file list alike). Both views have one description, as MoCo's, so each must use its own draw: a second
+    view that reused the first one's would be the first view again."""
     images = smooth_images(64, seed=2)
     batch = [im for im in images[:32]] + [im for im in smooth_images(32, 36, 30, seed=3)] if as_list else images
     sizes = torch.tensor([im.shape[1:] for im in batch], dtype=torch.float32)
     torch.manual_seed(5)
-    params = C.draw_params(VIEW, sizes[:, 0], sizes[:, 1])
+    params = [C.draw_params(VIEW, sizes[:, 0], sizes[:, 1]) for _ in range(2)]
     torch.manual_seed(5)
-    out = C.DeviceAugment([VIEW])(batch)[0]
+    out = C.DeviceAugment([VIEW, VIEW])(batch)
     for key in ("jitter", "gray", "blur", "solarize", "flip"):  # the draw exercises both branches of every coin
-        assert 0 < params[key].sum() < 64, key
-    for i in range(64):
-        torch.testing.assert_close(out[i], torchvision_view(batch[i], VIEW, params, i), atol=2e-5, rtol=0)
+        assert 0 < params[0][key].sum() < 64, key
+    assert all(not torch.equal(out[0][i], out[1][i]) for i in range(64))  # two views of an image differ
+    for view, p in zip(out, params):
+        for i in range(64):
+            torch.testing.assert_close(view[i], torchvision_view(batch[i], VIEW, p, i), atol=2e-5, rtol=0)
 
 
 # ---- 2. same distributions -----------------------------------------------------------------------------------
@@ -343,8 +349,9 @@ def test_scripts_train_on_device_from_jpeg_files_and_cifar_files(tmp_path):
 
 
 def test_two_ranks_split_each_epoch_and_draw_their_own_augmentations(tmp_path):
-    """Each rank's DeviceLoader yields its own half of the epoch (disjoint, together the whole split), and a
-    two-process torchrun run with --augment-on device trains as one job (gloo, CPU)."""
+    """Each rank's DeviceLoader yields its own half of the epoch (disjoint, together the whole split), and in a
+    two-process torchrun run (gloo, CPU) of each method with --augment-on device, the ranks train as one job and
+    draw their own augmentations (each seeds with --seed + rank: identical draws would double the same views)."""
     dataset = C.make_dataset("synthetic", None, "train", None, synthetic_images=32, image_size=16)
     views = [C.View(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0,
                     gray_p=0.0, blur_p=0.0, blur_sigma=(0.1, 2.0), solarize_p=0.0, flip_p=0.0)]  # identity views
@@ -358,7 +365,10 @@ def test_two_ranks_split_each_epoch_and_draw_their_own_augmentations(tmp_path):
             unnormalised = view * std + mean
             seen += [int((images - im).abs().flatten(1).amax(1).argmin()) for im in unnormalised]
     assert sorted(seen) == list(range(32))
-    run_torchrun("adco.py", *TINY, "--augment-on", "device", "--bank-size", "32", "--epochs", "1",
-                 "--out-dir", tmp_path / "two", nproc=2)
-    ckpt = load(tmp_path / "two" / "last.pt")
-    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2 and ckpt["args"]["augment_on"] == "device"
+    run_torchrun("tests/dist_worker_augment.py", tmp_path, nproc=2)
+    draws = [load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for name in ("moco_co2", "adco", "caco"):
+        ckpt = load(tmp_path / name / "last.pt")
+        assert ckpt["step"] == 1 and len(ckpt["rng"]) == 2 and ckpt["args"]["augment_on"] == "device"
+        for key in ("top", "left", "height", "width", "factors", "order"):
+            assert not torch.equal(draws[0][name][key], draws[1][name][key]), (name, key)
