@@ -252,7 +252,13 @@ def jpeg_folder(root, n: int = 48):
                                          ("caco multi-crop", caco.augmentations(32, multi_crop=True))])
 def test_each_recipe_gives_the_same_channel_statistics_on_both_paths(tmp_path, name, views):
     """Each method's views (blur on, as on ImageNet), over JPEG files, 40 passes: the per-channel mean and
-    standard deviation of every view agree between the PIL path and the device path (decoding included).
+    standard deviation agree between the PIL path and the device path (decoding included), pooled over the
+    passes and over the views of one description (MoCo's two, CaCo multi-crop's 2 + 6).
+
+    The bounds come from the PIL path against itself: over 20 pairs of seeds, the difference of a statistic has
+    a standard deviation of at most 0.018 for the means and 0.0125 for the standard deviations (CaCo's views, which
+    are not pooled, are the noisiest); the bounds are 5 times that, 0.09 and 0.06, in normalised units. The device
+    path against PIL, seeds 0-19 of each recipe: at most 0.051 and 0.035 (a bound of 0.03 fails 8 of the 60).
 
     One difference is known and corrected for: PIL's blend (brightness, contrast, saturation) truncates to uint8,
     0.5 levels darker on average per blend, so a jittered PIL image is 3 x 0.5 levels darker; the device path
@@ -271,13 +277,15 @@ def test_each_recipe_gives_the_same_channel_statistics_on_both_paths(tmp_path, n
         batches += [out for out, _ in loader]
     device_out = [torch.cat(v) for v in zip(*batches)]
     assert len(pil_out) == len(device_out) == len(views)
-    for i, (a, b, view) in enumerate(zip(pil_out, device_out, views)):
+    for view in dict.fromkeys(views):  # each distinct description once, its views pooled
+        same = [i for i, v in enumerate(views) if v == view]
+        a, b = torch.cat([pil_out[i] for i in same]), torch.cat([device_out[i] for i in same])
         assert a.shape == b.shape
         truncation = view.jitter_p * 1.5 / 255 / torch.tensor(C.IMAGENET_STD)
         mean_a, mean_b = a.mean(dim=(0, 2, 3)) + truncation, b.mean(dim=(0, 2, 3))
         std_a, std_b = a.std(dim=(0, 2, 3)), b.std(dim=(0, 2, 3))
-        assert (mean_a - mean_b).abs().max() < 0.03, (name, i, mean_a, mean_b)
-        assert (std_a - std_b).abs().max() < 0.03, (name, i, std_a, std_b)
+        assert (mean_a - mean_b).abs().max() < 0.09, (name, same, mean_a, mean_b)
+        assert (std_a - std_b).abs().max() < 0.06, (name, same, std_a, std_b)
 
 
 # ---- 4. data paths and training ---------------------------------------------------------------------------
