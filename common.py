@@ -288,40 +288,54 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
+def jitter_blend(x: torch.Tensor, factors: torch.Tensor, op: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """One blend of ColorJitter for the samples `active` [N] (the others come back unchanged): each blends its image
+    by its factor (factors [N, 4]) with the target of its operation op [N] (0 brightness: black; 1 contrast: the
+    image's mean luma; 2 saturation: its luma)."""
+    luma = grayscale(x)
+    target = torch.where(per_sample(op == 0), torch.zeros_like(luma),
+                         torch.where(per_sample(op == 1), luma.mean(dim=(1, 2, 3), keepdim=True), luma))
+    return torch.where(per_sample(active), blend(x, target, factors.gather(1, op[:, None]).squeeze(1)), x)
+
+
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """ColorJitter with per-sample factors [N, 4] (brightness, contrast, saturation, hue) applied in a per-sample
-    order [N, 4] (a permutation of 0..3), as torchvision does for each image. Brightness, contrast and
-    saturation all blend the image with a target (black, the image's mean luma, its luma), so each of the 4
-    steps makes one blend, with each sample's own target, plus one hue rotation for the samples whose operation
-    at that step is hue. A factor of 1 (0 for hue) leaves the image unchanged."""
-    for step in range(4):
-        op = order[:, step]
-        luma = grayscale(x)
-        target = torch.where(per_sample(op == 0), torch.zeros_like(luma),
-                             torch.where(per_sample(op == 1), luma.mean(dim=(1, 2, 3), keepdim=True), luma))
-        factor = factors.gather(1, order[:, step:step + 1]).squeeze(1)  # this step's operation's factor
-        x_next = blend(x, target, torch.where(op == 3, torch.ones_like(factor), factor))  # 1: identity
-        x = torch.where(per_sample(op == 3), shift_hue(x, factors[:, 3]), x_next)
+    order [N, 4] (a permutation of 0..3), as torchvision does for each image. Three operations are blends
+    (jitter_blend); the hue rotation is the costly one (an HSV round trip), so it runs once, on the whole batch:
+    each sample first makes the blends its order puts before its hue (batched steps 0-2, each sample at its
+    own), then the rotation, then the blends after it (steps 1-3). A factor of 1 (0 for hue) changes nothing."""
+    hue_step = order.argmax(dim=1)  # the position of operation 3 (hue) in each sample's order
+    for step in range(3):
+        x = jitter_blend(x, factors, order[:, step], step < hue_step)
+    x = shift_hue(x, factors[:, 3])
+    for step in range(1, 4):
+        x = jitter_blend(x, factors, order[:, step], step > hue_step)
     return x
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, half: int) -> torch.Tensor:
     """Separable Gaussian blur with each sample's own sigma [N] and 2 half + 1 taps exp(-t² / 2σ²), normalised
-    to sum 1; reflect padding. The same as torchvision's gaussian_blur with that kernel size, per sample."""
+    to sum 1. Beyond its borders the image is mirrored about its edges (c b a | a b c: torchvision's
+    padding_mode="symmetric"), which comes closest to PIL's blur, three box passes that each repeat the edge
+    pixel (docs/augment.md, "Blur at the borders"). Equals torchvision's gaussian_blur with that kernel size of
+    the image padded so by `half` pixels, per sample."""
     n, c, height, width = x.shape
     t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [N*3, taps]
-    y = F.pad(x.reshape(1, n * c, height, width), (half, half, half, half), mode="reflect")
+
+    def mirrored(size: int) -> torch.Tensor:  # the pixel that each padded position copies: -1 -> 0, -2 -> 1, ...
+        i = torch.arange(-half, size + half, device=x.device) % (2 * size)
+        return torch.where(i < size, i, 2 * size - 1 - i)
+    y = x.reshape(1, n * c, height, width)[:, :, mirrored(height)][:, :, :, mirrored(width)]
     y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)  # along rows
     y = F.conv2d(y, kernel[:, None, :, None], groups=n * c)  # along columns
     return y.reshape(n, c, height, width)
 
 
 def blur_half_width(view: View) -> int:
-    """Kernel half-width: 3 sigma_max (the Gaussian beyond holds 0.3 % of its mass), less for tiny crops (reflect
-    padding needs half < size)."""
-    return max(1, min(math.ceil(3 * view.blur_sigma[1]), view.size - 1))
+    """Kernel half-width: 3 sigma_max (the Gaussian beyond holds 0.3 % of its mass)."""
+    return math.ceil(3 * view.blur_sigma[1])
 
 
 def solarize(x: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """--augment-on device: the batched executor of common.py against torchvision, its oracle.
 
-1. Same parameters, same pixels: every operator, and whole views sample by sample, against torchvision's own
-   tensor functions (tight tolerances), and each operator against the PIL path (stated tolerances).
+1. Same parameters, same pixels: every operator, and whole views sample by sample (each view with its own
+   draw), against torchvision's own tensor functions (tight tolerances), and each operator against the PIL path
+   (stated tolerances; the blur also at the border, on hard edges).
 2. Same distributions: over thousands of draws with fixed seeds, the crop sampler matches torchvision's
    RandomResizedCrop.get_params (KS distance on area, aspect, position, and the fallback rate), the jitter factors
    and orders match ColorJitter.get_params, and every coin lands at its probability.
 3. Same images out: each method's views, run by both paths over a folder of JPEGs, give the same per-channel
    mean and standard deviation.
-4. Training with --augment-on device resumes bitwise on CPU; in-memory datasets and decoding on the device.
+4. Training with --augment-on device resumes bitwise on CPU; in-memory datasets and decoding on the device;
+   two ranks split each epoch and draw their own augmentations.
 """
 import math
 
@@ -22,7 +24,7 @@ import adco
 import caco
 import common as C
 import moco_co2
-from conftest import TINY, assert_state_equal, final_state, load, run_script, run_torchrun, write_cifar10
+from conftest import assert_state_equal, final_state, load, run_script, run_torchrun, write_cifar10
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work (docs/augment.md)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -47,6 +49,14 @@ def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return (fa - fb).abs().max().item()
 
 
+def symmetric_blur(image: torch.Tensor, half: int, sigma: float) -> torch.Tensor:
+    """torchvision's gaussian_blur (2 half + 1 taps) of the image mirrored about its edges by torchvision's own
+    pad(padding_mode="symmetric"), cut back to the image: the padding the device path uses (PIL's, see below)
+    instead of gaussian_blur's built-in reflect padding, which leaves out the edge pixel."""
+    padded = TF.pad(image, [half], padding_mode="symmetric")
+    return TF.gaussian_blur(padded, [2 * half + 1] * 2, [sigma] * 2)[:, half:-half, half:-half]
+
+
 # ---- 1. same parameters, same pixels ---------------------------------------------------------------------
 def test_each_operator_equals_torchvision_tensor_functions():
     torch.manual_seed(0)
@@ -65,7 +75,7 @@ def test_each_operator_equals_torchvision_tensor_functions():
               (C.blend(x, luma, f), lambda i: TF.adjust_saturation(x[i], f[i].item())),
               (C.shift_hue(x, hue), lambda i: TF.adjust_hue(x[i], hue[i].item())),
               (luma.expand_as(x), lambda i: TF.rgb_to_grayscale(x[i], 3)),
-              (C.gaussian_blur(x, sigma, 6), lambda i: TF.gaussian_blur(x[i], [13, 13], [sigma[i].item()] * 2)),
+              (C.gaussian_blur(x, sigma, 6), lambda i: symmetric_blur(x[i], 6, sigma[i].item())),
               (C.solarize(x), lambda i: TF.solarize(x[i], 128 / 255))]
     for ours, theirs in checks:
         torch.testing.assert_close(ours, torch.stack([theirs(i) for i in range(6)]), atol=1e-5, rtol=0)
@@ -105,6 +115,35 @@ def test_each_operator_against_the_pil_path_within_stated_tolerances():
         assert diff.max() <= max_levels + 1e-3 and diff.mean() <= mean_levels, (name, diff.max(), diff.mean())
 
 
+def test_blur_borders_follow_pil_on_hard_edges():
+    """PIL's GaussianBlur repeats the edge pixel before each of its three box passes; the device blur (one exact
+    Gaussian) mirrors the image about its edges, which comes closest to that. On hard edges: one-pixel white
+    lines (at the border, next to it, inside; σ 0.3 to 2) and smooth images with hard-edged rectangles, some cut
+    by the border. At most 20.5 levels anywhere (20.04 measured), as inside the image (PIL's box approximation
+    of a small σ on a line), and 1 level on average over the outer 6 px (torchvision's reflect padding: 62 and 2.1)."""
+    lines, sigmas = [], []
+    for at in (0, 1, 16, 31):
+        for sigma in (0.3, 0.5, 1.0, 1.5, 2.0):
+            image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+            image[:, :, at] = 255
+            lines += [image, image.transpose(1, 2)]  # a column, and a row
+            sigmas += [sigma, sigma]
+    g = torch.Generator().manual_seed(0)
+    rects = smooth_images(16, 32, 32, seed=5)
+    for image in rects:
+        for _ in range(3):
+            (top, left), (h, w) = torch.randint(-4, 28, (2,), generator=g), torch.randint(6, 16, (2,), generator=g)
+            image[:, max(top, 0):top + h, max(left, 0):left + w] = torch.randint(0, 256, (3, 1, 1), generator=g)
+    images = torch.cat([torch.stack(lines), rects])
+    sigma = torch.cat([torch.tensor(sigmas), 0.1 + 1.9 * torch.rand(16, generator=g)])
+    pil = torch.stack([TF.to_tensor(TF.to_pil_image(im).filter(ImageFilter.GaussianBlur(s.item())))
+                       for im, s in zip(images, sigma)])
+    diff = (C.gaussian_blur(images.float() / 255, sigma, 6) - pil).abs() * 255
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[6:-6, 6:-6] = False
+    assert diff.max() <= 20.5 and diff[..., border].mean() <= 1, (diff.max(), diff[..., border].mean())
+
+
 def torchvision_view(image: torch.Tensor, view: C.View, p: dict, i: int) -> torch.Tensor:
     """Sample i of a view, made by torchvision's tensor functions one operator at a time with the drawn params."""
     x = TF.resized_crop(image.float() / 255, *[int(p[k][i]) for k in ("top", "left", "height", "width")],
@@ -116,8 +155,7 @@ def torchvision_view(image: torch.Tensor, view: C.View, p: dict, i: int) -> torc
     if view.gray_p > 0 and p["gray"][i]:
         x = TF.rgb_to_grayscale(x, 3)
     if view.blur_p > 0 and p["blur"][i]:
-        taps = 2 * C.blur_half_width(view) + 1
-        x = TF.gaussian_blur(x, [taps, taps], [p["sigma"][i].item()] * 2)
+        x = symmetric_blur(x, C.blur_half_width(view), p["sigma"][i].item())
     if view.solarize_p > 0 and p["solarize"][i]:
         x = TF.solarize(x, 128 / 255)
     if p["flip"][i]:
@@ -126,20 +164,24 @@ def torchvision_view(image: torch.Tensor, view: C.View, p: dict, i: int) -> torc
 
 
 @pytest.mark.parametrize("as_list", [False, True])
-def test_a_whole_view_equals_torchvision_sample_by_sample(as_list):
-    """DeviceAugment draws its params with draw_params, first thing; replaying the same seed gives them, and
-    torchvision's functions driven by them give the same view (batched tensor and per-file list alike)."""
+def test_whole_views_equal_torchvision_sample_by_sample(as_list):
+    """DeviceAugment draws each view's params with draw_params, first thing, one view after the other; replaying
+    the same seed gives them, and torchvision's functions driven by them give the same views (batched tensor and
+    per-file list alike). Both views have one description, as MoCo's, so each must use its own draw: a second
+    view that reused the first one's would be the first view again."""
     images = smooth_images(64, seed=2)
     batch = [im for im in images[:32]] + [im for im in smooth_images(32, 36, 30, seed=3)] if as_list else images
     sizes = torch.tensor([im.shape[1:] for im in batch], dtype=torch.float32)
     torch.manual_seed(5)
-    params = C.draw_params(VIEW, sizes[:, 0], sizes[:, 1])
+    params = [C.draw_params(VIEW, sizes[:, 0], sizes[:, 1]) for _ in range(2)]
     torch.manual_seed(5)
-    out = C.DeviceAugment([VIEW])(batch)[0]
+    out = C.DeviceAugment([VIEW, VIEW])(batch)
     for key in ("jitter", "gray", "blur", "solarize", "flip"):  # the draw exercises both branches of every coin
-        assert 0 < params[key].sum() < 64, key
-    for i in range(64):
-        torch.testing.assert_close(out[i], torchvision_view(batch[i], VIEW, params, i), atol=2e-5, rtol=0)
+        assert 0 < params[0][key].sum() < 64, key
+    assert all(not torch.equal(out[0][i], out[1][i]) for i in range(64))  # two views of an image differ
+    for view, p in zip(out, params):
+        for i in range(64):
+            torch.testing.assert_close(view[i], torchvision_view(batch[i], VIEW, p, i), atol=2e-5, rtol=0)
 
 
 # ---- 2. same distributions -----------------------------------------------------------------------------------
@@ -210,7 +252,13 @@ def jpeg_folder(root, n: int = 48):
                                          ("caco multi-crop", caco.augmentations(32, multi_crop=True))])
 def test_each_recipe_gives_the_same_channel_statistics_on_both_paths(tmp_path, name, views):
     """Each method's views (blur on, as on ImageNet), over JPEG files, 40 passes: the per-channel mean and
-    standard deviation of every view agree between the PIL path and the device path (decoding included).
+    standard deviation agree between the PIL path and the device path (decoding included), pooled over the
+    passes and over the views of one description (MoCo's two, CaCo multi-crop's 2 + 6).
+
+    The bounds come from the PIL path against itself: over 20 pairs of seeds, the difference of a statistic has
+    a standard deviation of at most 0.018 for the means and 0.0125 for the standard deviations (CaCo's views, which
+    are not pooled, are the noisiest); the bounds are 5 times that, 0.09 and 0.06, in normalised units. The device
+    path against PIL, seeds 0-19 of each recipe: at most 0.051 and 0.035 (a bound of 0.03 fails 8 of the 60).
 
     One difference is known and corrected for: PIL's blend (brightness, contrast, saturation) truncates to uint8,
     0.5 levels darker on average per blend, so a jittered PIL image is 3 x 0.5 levels darker; the device path
@@ -229,13 +277,15 @@ def test_each_recipe_gives_the_same_channel_statistics_on_both_paths(tmp_path, n
         batches += [out for out, _ in loader]
     device_out = [torch.cat(v) for v in zip(*batches)]
     assert len(pil_out) == len(device_out) == len(views)
-    for i, (a, b, view) in enumerate(zip(pil_out, device_out, views)):
+    for view in dict.fromkeys(views):  # each distinct description once, its views pooled
+        same = [i for i, v in enumerate(views) if v == view]
+        a, b = torch.cat([pil_out[i] for i in same]), torch.cat([device_out[i] for i in same])
         assert a.shape == b.shape
         truncation = view.jitter_p * 1.5 / 255 / torch.tensor(C.IMAGENET_STD)
         mean_a, mean_b = a.mean(dim=(0, 2, 3)) + truncation, b.mean(dim=(0, 2, 3))
         std_a, std_b = a.std(dim=(0, 2, 3)), b.std(dim=(0, 2, 3))
-        assert (mean_a - mean_b).abs().max() < 0.03, (name, i, mean_a, mean_b)
-        assert (std_a - std_b).abs().max() < 0.03, (name, i, std_a, std_b)
+        assert (mean_a - mean_b).abs().max() < 0.09, (name, same, mean_a, mean_b)
+        assert (std_a - std_b).abs().max() < 0.06, (name, same, std_a, std_b)
 
 
 # ---- 4. data paths and training ---------------------------------------------------------------------------
@@ -307,8 +357,9 @@ def test_scripts_train_on_device_from_jpeg_files_and_cifar_files(tmp_path):
 
 
 def test_two_ranks_split_each_epoch_and_draw_their_own_augmentations(tmp_path):
-    """Each rank's DeviceLoader yields its own half of the epoch (disjoint, together the whole split), and a
-    two-process torchrun run with --augment-on device trains as one job (gloo, CPU)."""
+    """Each rank's DeviceLoader yields its own half of the epoch (disjoint, together the whole split), and in a
+    two-process torchrun run (gloo, CPU) of each method with --augment-on device, the ranks train as one job and
+    draw their own augmentations (each seeds with --seed + rank: identical draws would double the same views)."""
     dataset = C.make_dataset("synthetic", None, "train", None, synthetic_images=32, image_size=16)
     views = [C.View(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0,
                     gray_p=0.0, blur_p=0.0, blur_sigma=(0.1, 2.0), solarize_p=0.0, flip_p=0.0)]  # identity views
@@ -322,7 +373,10 @@ def test_two_ranks_split_each_epoch_and_draw_their_own_augmentations(tmp_path):
             unnormalised = view * std + mean
             seen += [int((images - im).abs().flatten(1).amax(1).argmin()) for im in unnormalised]
     assert sorted(seen) == list(range(32))
-    run_torchrun("adco.py", *TINY, "--augment-on", "device", "--bank-size", "32", "--epochs", "1",
-                 "--out-dir", tmp_path / "two", nproc=2)
-    ckpt = load(tmp_path / "two" / "last.pt")
-    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2 and ckpt["args"]["augment_on"] == "device"
+    run_torchrun("tests/dist_worker_augment.py", tmp_path, nproc=2)
+    draws = [load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for name in ("moco_co2", "adco", "caco"):
+        ckpt = load(tmp_path / name / "last.pt")
+        assert ckpt["step"] == 1 and len(ckpt["rng"]) == 2 and ckpt["args"]["augment_on"] == "device"
+        for key in ("top", "left", "height", "width", "factors", "order"):
+            assert not torch.equal(draws[0][name][key], draws[1][name][key]), (name, key)
