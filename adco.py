@@ -62,7 +62,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (UserError, View, build_resnet, check_same_classes, eval_transform, knn_accuracy, make_dataset,
                     make_loader, pil_views)
 
-METHOD = "adco"  # written into every checkpoint; --resume refuses checkpoints of other methods
+SCRIPT_NAME = "adco"  # written into every checkpoint; --resume refuses checkpoints of other methods
 
 
 @dataclass
@@ -419,7 +419,7 @@ def main(args: Args) -> dict:
                           f"encoder reset to the query encoder", markup=False)
 
     def checkpoint_state(next_epoch: int, next_batch: int) -> dict:
-        return {"method": METHOD, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
+        return {"method": SCRIPT_NAME, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
                 "step": step, "encoder_q": encoder_q.state_dict(), "encoder_k": encoder_k.state_dict(),
                 "bank": bank.cpu(), "bank_velocity": bank_velocity.cpu(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "rng": all_rng_states(device)}
@@ -472,6 +472,7 @@ def main(args: Args) -> dict:
 
 
 # ==== APPENDIX: fenced plumbing, byte-identical in every script (fix one: tests/test_shared_blocks.py --sync FILE.py)
+# this script's blocks: distributed shuffle-bn amp checkpoint console pretrain entry
 # >>> shared: distributed
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07", "n[1-2]-ib" -> "n1-ib"."""
@@ -782,9 +783,9 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
         raise UserError(f"cannot read checkpoint {path}: not a complete torch.save file of tensors and plain "
                         f"types ({type(e).__name__})") from None
     found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
-    if not isinstance(ckpt, dict) or found != METHOD:
+    if not isinstance(ckpt, dict) or found != SCRIPT_NAME:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
-        raise UserError(f"{path} is not a {METHOD}.py checkpoint (it holds {what})")
+        raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint (it holds {what})")
     old = {"blur": True, "bn_splits": 1, **ckpt["args"]}  # flags added later: the value older runs had
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
                for k in must_match if old.get(k) != getattr(args, k)]
@@ -803,7 +804,7 @@ def make_console(rank: int) -> Console:
 
 def print_args(console: Console, args, derived: dict) -> None:
     """The arguments and derived values as a table; Text() cells, so paths are never parsed as markup."""
-    table = Table(title=f"{METHOD}.py", show_header=True, header_style="bold")
+    table = Table(title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
     table.add_column("argument")
     table.add_column("value")
     for key, value in list(asdict(args).items()) + list(derived.items()):

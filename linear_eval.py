@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader, Subset
 from common import (IMAGENET_MEAN, IMAGENET_STD, UserError, build_resnet, check_same_classes, eval_transform,
                     ignore_stop_signals, knn_accuracy, make_dataset, make_loader)
 
-METHOD = "linear_eval"  # written into this script's own checkpoints; --resume refuses other files
+SCRIPT_NAME = "linear_eval"  # written into this script's own checkpoints; --resume refuses other files
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
@@ -372,8 +372,8 @@ def _describe(obj) -> str:
         return f"a {type(obj).__name__}"
     if "method" not in obj:
         return f"a dict with keys {sorted(map(str, obj))[:6]}"
-    if obj["method"] == METHOD:
-        return f"a checkpoint of method {METHOD!r}: this script's own output, not a pre-training run"
+    if obj["method"] == SCRIPT_NAME:
+        return f"a checkpoint of method {SCRIPT_NAME!r}: this script's own output, not a pre-training run"
     encoder_q = obj.get("encoder_q")
     if not isinstance(encoder_q, dict):
         return f"a checkpoint of method {obj['method']!r} without an encoder_q"
@@ -709,7 +709,7 @@ def main(args: Args) -> dict:
     })
 
     def checkpoint_state(next_epoch: int, next_batch: int) -> dict:  # every rank calls it: RNG is a collective
-        return {"method": METHOD, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
+        return {"method": SCRIPT_NAME, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
                 "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "best_top1": best_top1, "rng": all_rng_states(device)}
 
@@ -806,10 +806,8 @@ def main(args: Args) -> dict:
     return {"top1": top1, "top5": top5, "best_top1": best_top1, "model": model}
 
 
-# =====================================================================================================
-# APPENDIX, plumbing: fenced blocks are byte-identical in every script that carries them
-# (tests/test_shared_blocks.py). Fix them in one file, copy to the others.
-# =====================================================================================================
+# ==== APPENDIX: fenced plumbing, byte-identical in every script (fix one: tests/test_shared_blocks.py --sync FILE.py)
+# this script's blocks: distributed amp checkpoint console entry
 # >>> shared: distributed
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07", "n[1-2]-ib" -> "n1-ib"."""
@@ -1044,9 +1042,9 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
         raise UserError(f"cannot read checkpoint {path}: not a complete torch.save file of tensors and plain "
                         f"types ({type(e).__name__})") from None
     found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
-    if not isinstance(ckpt, dict) or found != METHOD:
+    if not isinstance(ckpt, dict) or found != SCRIPT_NAME:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
-        raise UserError(f"{path} is not a {METHOD}.py checkpoint (it holds {what})")
+        raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint (it holds {what})")
     old = {"blur": True, "bn_splits": 1, **ckpt["args"]}  # flags added later: the value older runs had
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
                for k in must_match if old.get(k) != getattr(args, k)]
@@ -1065,7 +1063,7 @@ def make_console(rank: int) -> Console:
 
 def print_args(console: Console, args, derived: dict) -> None:
     """The arguments and derived values as a table; Text() cells, so paths are never parsed as markup."""
-    table = Table(title=f"{METHOD}.py", show_header=True, header_style="bold")
+    table = Table(title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
     table.add_column("argument")
     table.add_column("value")
     for key, value in list(asdict(args).items()) + list(derived.items()):

@@ -66,7 +66,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (UserError, View, build_resnet, check_same_classes, eval_transform, knn_accuracy, make_dataset,
                     make_loader, pil_views)
 
-METHOD = "moco_co2"  # written into every checkpoint; --resume refuses checkpoints of other methods
+SCRIPT_NAME = "moco_co2"  # written into every checkpoint; --resume refuses checkpoints of other methods
 
 
 @dataclass
@@ -320,7 +320,7 @@ def main(args: Args) -> dict:
                           "batch for all keys); on one GPU use --bn-splits 8 (as on 8 GPUs)")
 
     def checkpoint_state(next_epoch: int, next_batch: int) -> dict:
-        return {"method": METHOD, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
+        return {"method": SCRIPT_NAME, "args": asdict(args), "next_epoch": next_epoch, "next_batch": next_batch,
                 "step": step, "encoder_q": encoder_q.state_dict(), "encoder_k": encoder_k.state_dict(),
                 "queue": queue.cpu(), "queue_ptr": queue_ptr, "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "rng": all_rng_states(device)}
@@ -372,10 +372,8 @@ def main(args: Args) -> dict:
     return {"encoder_q": encoder_q, "encoder_k": encoder_k, "queue": queue, "queue_ptr": queue_ptr}
 
 
-# =====================================================================================================
-# APPENDIX: the plumbing. Fenced blocks are byte-identical in every script that carries them
-# (tests/test_shared_blocks.py finds them); fix one, then: python tests/test_shared_blocks.py --sync FILE.py
-# =====================================================================================================
+# ==== APPENDIX: fenced plumbing, byte-identical in every script (fix one: tests/test_shared_blocks.py --sync FILE.py)
+# this script's blocks: distributed shuffle-bn amp checkpoint console pretrain entry
 # >>> shared: distributed
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: "gpu[07-09,12],cpu1" -> "gpu07", "n[1-2]-ib" -> "n1-ib"."""
@@ -686,9 +684,9 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
         raise UserError(f"cannot read checkpoint {path}: not a complete torch.save file of tensors and plain "
                         f"types ({type(e).__name__})") from None
     found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
-    if not isinstance(ckpt, dict) or found != METHOD:
+    if not isinstance(ckpt, dict) or found != SCRIPT_NAME:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
-        raise UserError(f"{path} is not a {METHOD}.py checkpoint (it holds {what})")
+        raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint (it holds {what})")
     old = {"blur": True, "bn_splits": 1, **ckpt["args"]}  # flags added later: the value older runs had
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
                for k in must_match if old.get(k) != getattr(args, k)]
@@ -707,7 +705,7 @@ def make_console(rank: int) -> Console:
 
 def print_args(console: Console, args, derived: dict) -> None:
     """The arguments and derived values as a table; Text() cells, so paths are never parsed as markup."""
-    table = Table(title=f"{METHOD}.py", show_header=True, header_style="bold")
+    table = Table(title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
     table.add_column("argument")
     table.add_column("value")
     for key, value in list(asdict(args).items()) + list(derived.items()):

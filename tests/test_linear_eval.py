@@ -418,7 +418,7 @@ def test_fake_adco_caco_and_forked_checkpoints_are_accepted(method, tmp_path):
 
 def test_a_forked_method_checkpoint_is_accepted_and_a_backbone_less_one_refused(pretrained, tmp_path, monkeypatch,
                                                                                 capsys):
-    """The checkpoint format decides, not the method's name: a fork of moco_co2.py (METHOD = "my_fork") is
+    """The checkpoint format decides, not the method's name: a fork of moco_co2.py (SCRIPT_NAME = "my_fork") is
     evaluated as is, with the same kNN result as the original file; a method checkpoint whose encoder_q has no
     backbone.* tensors is refused in one line."""
     forked = load(pretrained)

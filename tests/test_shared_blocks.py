@@ -35,8 +35,21 @@ def blocks(path):
     return found
 
 
+def declared(path) -> list:
+    """The blocks a script says it carries, on the line after its '# ==== APPENDIX' banner, in order."""
+    lines = path.read_text().splitlines()
+    banner = [i for i, line in enumerate(lines) if line.startswith("# ==== APPENDIX")]
+    assert len(banner) == 1, f"{path.name}: {len(banner)} lines start with '# ==== APPENDIX' (one expected)"
+    found = re.match(r"^# this script's blocks: (.+)$", lines[banner[0] + 1])
+    assert found, f"{path.name}: the line after its APPENDIX banner must list its blocks"
+    return found[1].split()
+
+
 def check_identical(root=ROOT) -> None:
     per_file = {name: blocks(root / name) for name in fenced_scripts(root)}
+    for name, found in per_file.items():  # a dropped fence pair leaves its code unchecked: the list catches it
+        assert list(found) == declared(root / name), \
+            f"{name} declares the blocks {declared(root / name)} but its fences hold {list(found)}"
     reference = {}
     for name, found in per_file.items():
         for block, text in found.items():
@@ -52,13 +65,13 @@ def test_shared_blocks_identical():
 
 
 def test_a_fork_is_found_checked_trained_and_evaluated_with_no_other_file_edited(tmp_path):
-    """A new method made as the docs say (copy moco_co2.py, rename METHOD) in a copy of the repository: the
+    """A new method made as the docs say (copy moco_co2.py, rename SCRIPT_NAME) in a copy of the repository: the
     block check finds it without being told (and catches an edit of one of its blocks), it trains, and
     linear_eval.py --knn accepts its checkpoint."""
     for name in [p.name for p in ROOT.glob("*.py")]:
         shutil.copy(ROOT / name, tmp_path / name)
     fork = tmp_path / "my_method.py"
-    fork.write_text((ROOT / "moco_co2.py").read_text().replace('METHOD = "moco_co2"', 'METHOD = "my_method"'))
+    fork.write_text((ROOT / "moco_co2.py").read_text().replace('SCRIPT_NAME = "moco_co2"', 'SCRIPT_NAME = "my_method"'))
     assert "my_method.py" in fenced_scripts(tmp_path)
     check_identical(tmp_path)
     out = tmp_path / "run"
@@ -83,6 +96,25 @@ def test_fence_parser_detects_a_difference(tmp_path):
     a.write_text("# >>> shared: x\ny = 1\n# <<< shared: x\n")
     b.write_text("# >>> shared: x\ny = 2\n# <<< shared: x\n")
     assert blocks(a) != blocks(b)
+
+
+def test_a_dropped_fence_is_caught(tmp_path):
+    """Deleting one block's fence pair and editing inside it (so the edit is compared with nothing) fails the
+    check: every script lists its blocks under its APPENDIX banner (linear_eval.py and caco.py have no
+    shuffle-bn)."""
+    assert declared(ROOT / "caco.py") == ["distributed", "amp", "checkpoint", "console", "pretrain", "entry"]
+    for name in fenced_scripts():
+        shutil.copy(ROOT / name, tmp_path / name)
+    check_identical(tmp_path)
+    text = (tmp_path / "adco.py").read_text()
+    text = text.replace("# >>> shared: amp\n", "").replace("# <<< shared: amp\n", "")
+    (tmp_path / "adco.py").write_text(text.replace("enabled=dtype is torch.float16", "enabled=False"))  # fp16 unscaled
+    try:
+        check_identical(tmp_path)
+    except AssertionError as e:
+        assert "adco.py declares the blocks" in str(e) and "'amp'" in str(e)
+    else:
+        raise AssertionError("a dropped fence went unnoticed")
 
 
 def sync_from(source: str) -> None:
