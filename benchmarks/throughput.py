@@ -234,7 +234,7 @@ def caco_step(args: Args, device, autocast, memory_format):
                     out = encoder_k(x)
                 keys.append(F.normalize(out.float(), dim=1))
         timer.mark("encoders")
-        loss, grad, _, _ = m.caco_loss_and_bank_grad(queries, keys, bank, pairs, d.moco_t, d.mem_t)
+        loss, grad, *_ = m.caco_loss_and_bank_grad(queries, keys, bank, pairs, d.moco_t, d.mem_t)
         timer.mark("loss")  # includes the bank gradient of both directions (see bank_grad_ms)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
