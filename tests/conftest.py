@@ -7,7 +7,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -20,10 +22,51 @@ TINY = ["--dataset", "synthetic", "--synthetic-images", "64", "--arch", "resnet1
         "--batch-size", "16", "--workers", "0", "--seed", "0"]
 
 
+RAM_FOLDER, RAM_NEEDED = "/dev/shm", 8 * 2**30  # a tmpfs, and the room the runs' files need there at most
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Temporary files in RAM where there is room: the runs write ResNet-18 checkpoints (150 MB each, 20 GB in a
+    session) that a test reads back within seconds and that are deleted when it passes, so on the tmpfs
+    /dev/shm they never reach the disk. With pytest-xdist the workers get the controller's folder, one
+    sub-folder each. --basetemp still chooses another place; without room in RAM pytest's default is used."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput") and os.path.isdir(RAM_FOLDER) \
+            and shutil.disk_usage(RAM_FOLDER).free > RAM_NEEDED:
+        config.option.basetemp = tempfile.mkdtemp(prefix="pytest-", dir=RAM_FOLDER)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The controller's folder in RAM goes after a green run; after a failure it says where the files are."""
+    folder = session.config.option.basetemp
+    if hasattr(session.config, "workerinput") or not folder or not str(folder).startswith(RAM_FOLDER + "/"):
+        return
+    if exitstatus == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        print(f"\nthe failed tests' files are kept in {folder} (in RAM: remove it when done)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test's tmp_path is removed as soon as the test has passed, set-up and teardown included (a failed test's
+    stays for inspection): at most a few tests' checkpoints exist at once."""
+    report = (yield).get_result()
+    if report.failed:
+        item.stash[FAILED] = True
+    elif report.when == "call" and "tmp_path" in item.funcargs:
+        item.stash[TMP_PATH] = item.funcargs["tmp_path"]
+    if report.when == "teardown" and TMP_PATH in item.stash and not item.stash.get(FAILED, False):
+        shutil.rmtree(item.stash[TMP_PATH], ignore_errors=True)
+
+
+FAILED, TMP_PATH = pytest.StashKey[bool](), pytest.StashKey[Path]()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_temp_files_after_a_green_run(tmp_path_factory, request):
-    """The runs below write ResNet-18 checkpoints (~6.7 GB of temporary files per session). pytest keeps the last
-    three sessions' folders, which filled a CI disk once; keep this session's files only when a test failed."""
+    """Module and session fixtures' runs: pytest keeps the last three sessions' folders, which filled a CI disk
+    once; keep this session's files only when a test failed."""
     yield
     if request.session.testsfailed == 0:
         shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
@@ -45,6 +88,44 @@ def run_script(script, *args, check=True, timeout=600, env=None, cwd=ROOT):
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
                              f"stderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+class Ran(NamedTuple):
+    """What run_cli returns: the fields of a CompletedProcess that the tests read."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(script, *args, env=None, cwd=None) -> Ran:
+    """`python <script> args...` inside this process: the script's own entry point (`cli(main, Args)`, argument
+    parsing, one-line errors, exit codes) with sys.argv, the environment and the working folder set as a
+    subprocess would have them, its stdout and stderr captured. It saves a Python start (~4 CPU-seconds) where the
+    command line is under test but the process is not: signals, torchrun, kill -9 and the interpreter's own exit
+    stay with run_script. An exception that the entry point does not turn into an exit code propagates."""
+    import contextlib
+    import importlib
+    import io
+
+    module = importlib.import_module(Path(script).stem)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    try:
+        os.environ.pop("RANK", None)
+        os.environ.update(env or {})
+        os.chdir(cwd or ROOT)
+        sys.argv = [str(ROOT / script), *map(str, args)]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                module.cli(module.main, module.Args)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+    return Ran(code, out.getvalue(), err.getvalue())
 
 
 def free_port() -> int:
