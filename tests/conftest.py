@@ -233,3 +233,13 @@ def write_cifar10(root, train_per_batch: int = 8, test: int = 8, seed: int = 0) 
     (bypass / "sitecustomize.py").write_text(
         "import torchvision.datasets.cifar as c\nc.check_integrity = lambda *args, **kwargs: True  # test files only\n")
     return {"PYTHONPATH": os.pathsep.join([str(bypass), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory):
+    """The folder of one two-node launch of tests/dist_worker.py (every two-rank check of the method and common
+    tests), made once per session: <folder>/<job> holds each job's files. Tests that use it carry the mark
+    xdist_group("two_ranks"), so that with pytest-xdist one worker runs them all and the launch happens once."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    run_two_nodes("tests/dist_worker.py", out, timeout=600)
+    return out

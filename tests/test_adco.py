@@ -10,7 +10,7 @@ import tyro
 
 import adco
 from common import UserError, pil_views
-from conftest import TINY, assert_state_equal, final_state, load, run_script, run_two_nodes, unit
+from conftest import TINY, assert_state_equal, final_state, load, run_script, unit
 
 
 def raw_bank(c, k, seed=3, dtype=torch.float64):
@@ -177,11 +177,12 @@ def test_multi_crop_views(image_size, sizes):
 # ---------------------------------------------------------------------------------------------------
 # distributed: 2 torchrun nodes x 1 process
 # ---------------------------------------------------------------------------------------------------
-def test_two_nodes_labels_point_at_own_keys_and_banks_stay_identical(tmp_path):
+@pytest.mark.xdist_group("two_ranks")
+def test_two_nodes_labels_point_at_own_keys_and_banks_stay_identical(two_ranks):
     """LOCAL_RANK is 0 on both nodes (where upstream's label is wrong). The loop's labels must be r*N + i
     and select each rank's own keys from the gathered keys; bank and velocity bitwise equal on both ranks,
     with bank initialisation and with the seeded random bank (--no-bank-init), single crop and --sym."""
-    run_two_nodes("tests/dist_worker_adco.py", tmp_path, timeout=300)
+    tmp_path = two_ranks / "adco"
     for variant in ("single", "sym_noinit"):
         r0, r1 = load(tmp_path / f"{variant}_rank0.pt"), load(tmp_path / f"{variant}_rank1.pt")
         assert r0["world"] == 2 and r0["local_rank"] == r1["local_rank"] == 0

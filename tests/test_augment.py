@@ -24,7 +24,7 @@ import adco
 import caco
 import common as C
 import moco_co2
-from conftest import assert_state_equal, final_state, load, run_script, run_torchrun, write_cifar10
+from conftest import assert_state_equal, final_state, load, run_script, write_cifar10
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work (docs/augment.md)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -356,7 +356,8 @@ def test_scripts_train_on_device_from_jpeg_files_and_cifar_files(tmp_path):
     assert load(tmp_path / "from-cifar" / "last.pt")["step"] == 2
 
 
-def test_two_ranks_split_each_epoch_and_draw_their_own_augmentations(tmp_path):
+@pytest.mark.xdist_group("two_ranks")
+def test_two_ranks_split_each_epoch_and_draw_their_own_augmentations(two_ranks):
     """Each rank's DeviceLoader yields its own half of the epoch (disjoint, together the whole split), and in a
     two-process torchrun run (gloo, CPU) of each method with --augment-on device, the ranks train as one job and
     draw their own augmentations (each seeds with --seed + rank: identical draws would double the same views)."""
@@ -373,7 +374,7 @@ def test_two_ranks_split_each_epoch_and_draw_their_own_augmentations(tmp_path):
             unnormalised = view * std + mean
             seen += [int((images - im).abs().flatten(1).amax(1).argmin()) for im in unnormalised]
     assert sorted(seen) == list(range(32))
-    run_torchrun("tests/dist_worker_augment.py", tmp_path, nproc=2)
+    tmp_path = two_ranks / "augment"
     draws = [load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     for name in ("moco_co2", "adco", "caco"):
         ckpt = load(tmp_path / name / "last.pt")

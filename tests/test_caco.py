@@ -11,7 +11,7 @@ import tyro
 
 import caco
 from common import UserError, pil_views
-from conftest import TINY, assert_state_equal, final_state, load, run_script, run_torchrun, unit
+from conftest import TINY, assert_state_equal, final_state, load, run_script, unit
 
 
 def raw_bank(c, k, seed=3, dtype=torch.float64):
@@ -278,11 +278,12 @@ def test_knn_failure_never_ends_training(tmp_path, monkeypatch, capsys):
     assert "kNN monitor failed, training continues" in capsys.readouterr().out
 
 
-def test_two_processes_keep_identical_banks(tmp_path):
+@pytest.mark.xdist_group("two_ranks")
+def test_two_processes_keep_identical_banks(two_ranks):
     """2 ranks (gloo) see different images; after bank initialisation and 4 steps (single crop) and again
     with --multi-crop, both hold the same bank and velocity (the all-reduced gradient), and the same
     query-encoder parameters (DDP)."""
-    run_torchrun("tests/dist_worker_caco.py", tmp_path, nproc=2)
+    tmp_path = two_ranks / "caco"
     for variant in ("single", "multi"):
         r0, r1 = load(tmp_path / f"{variant}_rank0.pt"), load(tmp_path / f"{variant}_rank1.pt")
         assert torch.equal(r0["bank"], r1["bank"]) and torch.equal(r0["bank_velocity"], r1["bank_velocity"])

@@ -20,7 +20,7 @@ import torch
 import caco
 import moco_co2
 from common import UserError
-from conftest import ROOT, TINY, _env, assert_state_equal, final_state, free_port, load, run_script
+from conftest import ROOT, TINY, _env, assert_state_equal, final_state, free_port, load, run_cli
 
 SIZES = {"moco_co2.py": ["--queue-size", "64"], "adco.py": ["--bank-size", "64"], "caco.py": ["--bank-size", "64"]}
 
@@ -52,7 +52,7 @@ def test_sigterm_saves_the_current_step_and_resume_is_bitwise(tmp_path, script):
     mid-write) is dropped on resume with a message. The resumed run equals an uninterrupted one bitwise. (Each
     method's own state across a mid-epoch checkpoint is tested by its --stop-at-step resume test.)"""
     args = [*TINY, *SIZES[script], "--epochs", "1", "--log-every", "1"]
-    run_script(script, *args, "--out-dir", tmp_path / "whole")
+    assert run_cli(script, *args, "--out-dir", tmp_path / "whole").returncode == 0  # in-process: only the cut is
     proc = start(script, *args, "--out-dir", tmp_path / "cut")
     wait_for_line(proc, "epoch 0 [2/4]")
     proc.send_signal(signal.SIGTERM)
@@ -63,24 +63,24 @@ def test_sigterm_saves_the_current_step_and_resume_is_bitwise(tmp_path, script):
     assert 2 <= stopped["step"] <= 4 and not list((tmp_path / "cut").glob("*.tmp*"))
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 0, "step": 9, "lo')  # what a crash in mid-write leaves
-    proc = run_script(script, *args, "--out-dir", tmp_path / "cut", "--resume", "auto")
-    assert "dropped 1 incomplete line" in proc.stdout
+    proc = run_cli(script, *args, "--out-dir", tmp_path / "cut", "--resume", "auto")
+    assert proc.returncode == 0 and "dropped 1 incomplete line" in proc.stdout
     assert_state_equal(final_state(tmp_path / "whole"), final_state(tmp_path / "cut"))
     assert metrics(tmp_path / "whole") == metrics(tmp_path / "cut")
 
 
 def test_sigterm_stops_linear_eval_mid_epoch_and_resume_is_bitwise(tmp_path):
     """linear_eval.py too: a mid-epoch checkpoint on SIGTERM, resumed bitwise (frozen backbone, fc, optimizer)."""
-    run_script("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "1", "--out-dir", tmp_path / "pre")
+    moco_co2.main(tiny(tmp_path / "pre"))
     args = ["--checkpoint", tmp_path / "pre" / "last.pt", *TINY, "--epochs", "2", "--log-every", "1"]
-    run_script("linear_eval.py", *args, "--out-dir", tmp_path / "whole")
+    assert run_cli("linear_eval.py", *args, "--out-dir", tmp_path / "whole").returncode == 0
     proc = start("linear_eval.py", *args, "--out-dir", tmp_path / "cut")
     wait_for_line(proc, "epoch 0 [2/4]")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out, err[-2000:]
     assert 2 <= load(tmp_path / "cut" / "last.pt")["step"] < 8
-    run_script("linear_eval.py", *args, "--out-dir", tmp_path / "cut", "--resume", "auto")
+    assert run_cli("linear_eval.py", *args, "--out-dir", tmp_path / "cut", "--resume", "auto").returncode == 0
     assert_state_equal(final_state(tmp_path / "whole"), final_state(tmp_path / "cut"))
 
 
@@ -91,7 +91,7 @@ def test_kill_9_leaves_no_lock_behind(tmp_path):
     wait_for_line(proc, "epoch 0 [3/4]")
     proc.kill()
     proc.communicate(timeout=60)
-    run_script("moco_co2.py", *args, "--out-dir", tmp_path / "run", "--resume", "auto")
+    assert run_cli("moco_co2.py", *args, "--out-dir", tmp_path / "run", "--resume", "auto").returncode == 0
     assert load(tmp_path / "run" / "last.pt")["next_epoch"] == 2
 
 
@@ -159,20 +159,21 @@ def test_one_job_per_out_dir(tmp_path):
     temp.write_bytes(b"partial")
     with open(out / ".lock", "a+") as held:  # another live job
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        proc = run_script("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "1", "--out-dir", out, check=False)
+        proc = run_cli("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "1", "--out-dir", out)
     assert proc.returncode == 2 and "is in use by another job" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (out / "last.pt").exists() and temp.exists()  # a live job's file is never touched
-    proc = run_script("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "1", "--out-dir", out)
-    assert not temp.exists() and f"removed {temp}" in proc.stdout  # the lock is free: its writer is dead
+    proc = run_cli("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "1", "--out-dir", out)
+    assert proc.returncode == 0 and not temp.exists() and f"removed {temp}" in proc.stdout  # the lock is free: its writer is dead
     other = tmp_path / "other"
-    run_script("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "1", "--out-dir", other)
+    moco_co2.main(tiny(other))
     files = {p.name: p.read_bytes() for p in other.iterdir()}
-    proc = run_script("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "2", "--resume", out / "last.pt",
-                      "--out-dir", other, check=False)
+    proc = run_cli("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "2", "--resume", out / "last.pt",
+                   "--out-dir", other)
     assert proc.returncode == 2 and "already holds another run" in proc.stderr
     assert {p.name: p.read_bytes() for p in other.iterdir()} == files
-    run_script("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "2", "--resume", out / "last.pt",
-               "--out-dir", tmp_path / "fresh")  # an empty (new) folder is fine
+    proc = run_cli("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "2", "--resume", out / "last.pt",
+                   "--out-dir", tmp_path / "fresh")
+    assert proc.returncode == 0  # an empty (new) folder is fine
 
 
 @pytest.mark.parametrize("module,flag,value,words", [
@@ -210,17 +211,17 @@ def test_stop_at_step_below_the_checkpoint_trains_nothing(tmp_path):
 def test_text_or_random_bytes_as_a_checkpoint_get_one_plain_line(tmp_path):
     for name, data in (("notes.pt", b"hello, this is text\n" * 20), ("noise.pt", os.urandom(4096))):
         (tmp_path / name).write_bytes(data)
-        proc = run_script("moco_co2.py", *TINY, "--queue-size", "64", "--resume", tmp_path / name,
-                          "--out-dir", tmp_path / f"run-{name}", check=False)
+        proc = run_cli("moco_co2.py", *TINY, "--queue-size", "64", "--resume", tmp_path / name,
+                       "--out-dir", tmp_path / f"run-{name}")
         assert proc.returncode == 2 and "not a complete torch.save file" in proc.stderr
         assert "weights_only" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
 def test_a_data_error_or_a_read_only_out_dir_leaves_nothing_behind(tmp_path):
-    proc = run_script("moco_co2.py", "--data", tmp_path / "missing", "--out-dir", tmp_path / "run", check=False)
+    proc = run_cli("moco_co2.py", "--data", tmp_path / "missing", "--out-dir", tmp_path / "run")
     assert proc.returncode == 2 and "does not exist" in proc.stderr and not (tmp_path / "run").exists()
     (tmp_path / "a-file").write_text("")  # a folder that cannot be made (root may write even read-only folders)
-    proc = run_script("moco_co2.py", *TINY, "--queue-size", "64", "--out-dir", tmp_path / "a-file" / "run", check=False)
+    proc = run_cli("moco_co2.py", *TINY, "--queue-size", "64", "--out-dir", tmp_path / "a-file" / "run")
     assert proc.returncode == 2 and "cannot make --out-dir" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -312,11 +313,15 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def slurm_env(rank: int, step: int) -> dict:
+    """What srun sets for task `rank` of a 2-task step (SLURM_STEP_ID = step), on loopback."""
+    return {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank), "SLURM_STEP_ID": str(step),
+            "SLURM_JOB_NODELIST": "127.0.0.1"}
+
+
 def slurm_task(rank: int, step: int, *args, env=None):
-    """One task of a 2-task `srun` step (SLURM_STEP_ID = step) of moco_co2.py, on loopback."""
-    env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank), "SLURM_STEP_ID": str(step),
-           "SLURM_JOB_NODELIST": "127.0.0.1", **(env or {})}
-    return start("moco_co2.py", *TINY, "--queue-size", "64", *args, env=env)
+    """One task of a 2-task `srun` step of moco_co2.py, as its own process."""
+    return start("moco_co2.py", *TINY, "--queue-size", "64", *args, env={**slurm_env(rank, step), **(env or {})})
 
 
 def test_srun_style_launch_trains_as_one_job_while_another_step_rendezvouses_apart(tmp_path):
@@ -344,9 +349,9 @@ def test_a_rank_without_its_peers_says_what_it_waits_for(tmp_path):
     """Plain `python` inside a 2-task allocation used to wait forever without a word: rank 0 of 2 now waits
     RENDEZVOUS_TIMEOUT seconds, then names the address, the port, its rank and the world size in one line."""
     port = free_port()
-    proc = slurm_task(0, 0, "--out-dir", tmp_path / "run", env={"SLURM_JOB_ID": "77", "MASTER_PORT": str(port),
-                                                               "RENDEZVOUS_TIMEOUT": "2"})
-    out, err = proc.communicate(timeout=300)
+    proc = run_cli("moco_co2.py", *TINY, "--queue-size", "64", "--out-dir", tmp_path / "run",
+                   env={**slurm_env(0, 0), "SLURM_JOB_ID": "77", "MASTER_PORT": str(port), "RENDEZVOUS_TIMEOUT": "2"})
+    err = proc.stderr
     assert proc.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-3000:]
     assert f"rank 0 of 2 found no rendezvous at 127.0.0.1:{port}" in err and "within 2 s" in err
     assert not (tmp_path / "run").exists()
@@ -363,8 +368,8 @@ def test_a_checkpoint_damaged_in_place_is_refused_in_one_line(tmp_path):
     (out / "last.pt").write_bytes(data)
     assert load(out / "last.pt")["step"] == 4  # what made it dangerous: it still loads
     files = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = run_script("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "2", "--resume", "auto",
-                      "--out-dir", out, check=False)
+    proc = run_cli("moco_co2.py", *TINY, "--queue-size", "64", "--epochs", "2", "--resume", "auto",
+                   "--out-dir", out)
     assert proc.returncode == 2 and "last.pt is damaged" in proc.stderr and "CRC-32" in proc.stderr
     assert proc.stderr.count("\n") == 1 and {p.name: p.read_bytes() for p in out.iterdir()} == files
 

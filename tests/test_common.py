@@ -7,7 +7,7 @@ from PIL import Image
 
 from common import (ResumableSampler, SyntheticImages, UserError, build_resnet, check_same_classes, eval_transform,
                     extract_features, knn_predict, make_dataset)
-from conftest import load, run_torchrun
+from conftest import load
 
 
 @pytest.mark.parametrize("arch,feat", [("resnet18", 512), ("resnet50", 2048)])
@@ -184,11 +184,12 @@ def test_check_same_classes_reads_imagefolder_and_cifar(tmp_path, monkeypatch):
                        make_dataset("cifar10", str(tmp_path / "cifar"), "val", None), "kNN")
 
 
-def test_two_process_extraction_fails_on_every_rank_together(tmp_path):
+@pytest.mark.xdist_group("two_ranks")
+def test_two_process_extraction_fails_on_every_rank_together(two_ranks):
     """Rank 1 cannot read one image: both ranks must raise the same error naming rank 1 (not hang in all_gather,
     not pair their collectives wrongly); a UserError cause stays a UserError; a healthy pass afterwards in the
     same process group still gives every image once, equal to a single-process pass."""
-    run_torchrun("tests/dist_worker_extract.py", tmp_path, nproc=2, timeout=180)
+    tmp_path = two_ranks / "extract"
     results = [load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     corrupt = ("UserError", "kNN feature extraction failed on rank 1: UserError: cannot read image img3.jpg: broken")
     for result in results:  # the worker-raised UserError (third) reads as one line too, not a traceback

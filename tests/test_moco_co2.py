@@ -179,10 +179,11 @@ def test_checkpoints_from_before_blur_and_bn_splits_still_resume(tmp_path):
         moco_co2.main(tiny_args(out, epochs=3, resume="auto", bn_splits=2))
 
 
-def test_two_processes(tmp_path):
+@pytest.mark.xdist_group("two_ranks")
+def test_two_processes(two_ranks):
     """2 ranks (gloo): identical queues, keys gathered in rank order, ShuffleBN is an exact inverse that
     really mixes samples across ranks, kNN extraction sees each image once."""
-    run_torchrun("tests/dist_worker_moco.py", tmp_path, nproc=2)
+    tmp_path = two_ranks / "moco"
     r0, r1 = load(tmp_path / "rank0.pt"), load(tmp_path / "rank1.pt")
     assert torch.equal(r0["queue"], r1["queue"]) and r0["queue_ptr"] == r1["queue_ptr"] == 0
     assert torch.allclose(r0["queue"].norm(dim=0), torch.ones(64), atol=1e-5)
