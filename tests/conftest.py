@@ -97,12 +97,13 @@ class Ran(NamedTuple):
     stderr: str
 
 
-def run_cli(script, *args, env=None, cwd=None) -> Ran:
+def run_cli(script, *args, check=True, env=None, cwd=None) -> Ran:
     """`python <script> args...` inside this process: the script's own entry point (`cli(main, Args)`, argument
     parsing, one-line errors, exit codes) with sys.argv, the environment and the working folder set as a
     subprocess would have them, its stdout and stderr captured. It saves a Python start (~4 CPU-seconds) where the
     command line is under test but the process is not: signals, torchrun, kill -9 and the interpreter's own exit
-    stay with run_script. An exception that the entry point does not turn into an exit code propagates."""
+    stay with run_script. An exception that the entry point does not turn into an exit code propagates; with
+    `check`, so does a non-zero exit code, as an AssertionError with the output."""
     import contextlib
     import importlib
     import io
@@ -125,6 +126,9 @@ def run_cli(script, *args, env=None, cwd=None) -> Ran:
         os.environ.update(saved_env)
         os.chdir(saved_cwd)
         sys.argv = saved_argv
+    if check and code != 0:
+        raise AssertionError(f"{script} exited {code}\nstdout:\n{out.getvalue()[-4000:]}\n"
+                             f"stderr:\n{err.getvalue()[-4000:]}")
     return Ran(code, out.getvalue(), err.getvalue())
 
 

@@ -10,7 +10,7 @@ import tyro
 
 import adco
 from common import UserError, pil_views
-from conftest import TINY, assert_state_equal, final_state, load, run_script, unit
+from conftest import TINY, assert_state_equal, final_state, load, run_cli, run_script, unit
 
 
 def raw_bank(c, k, seed=3, dtype=torch.float64):
@@ -320,7 +320,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_cli_error_is_one_line_and_help_documents_the_bank(tmp_path, capsys):
-    proc = run_script("adco.py", *TINY, "--sym", "--multi-crop", "--out-dir", tmp_path, check=False)
+    proc = run_cli("adco.py", *TINY, "--sym", "--multi-crop", "--out-dir", tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--sym with --multi-crop" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     with pytest.raises(SystemExit):
@@ -344,8 +344,8 @@ def test_a_dead_bank_is_reported(tmp_path, mem_t, dead):
     A randn bank (--no-bank-init) sits at q.n ~ 0 while a random network's keys sit at q.k ~ 1, so at τ_m = 0.02
     the bank gets ~e^-40 of the softmax (dead); at τ_m = 1 it keeps most of it (64 of 80 logits)."""
     out = tmp_path / "run"
-    proc = run_script("adco.py", *TINY, "--epochs", "1", "--bank-size", "64", "--no-bank-init", "--mem-t", mem_t,
-                      "--out-dir", out, "--log-every", "2")
+    proc = run_cli("adco.py", *TINY, "--epochs", "1", "--bank-size", "64", "--no-bank-init", "--mem-t", mem_t,
+                   "--out-dir", out, "--log-every", "2")
     shares = [json.loads(line)["bank_share"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in line]
     assert len(shares) == 2 and all(0 <= s <= 1 for s in shares)

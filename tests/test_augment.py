@@ -24,7 +24,7 @@ import adco
 import caco
 import common as C
 import moco_co2
-from conftest import assert_state_equal, final_state, load, run_script, write_cifar10
+from conftest import assert_state_equal, final_state, load, run_cli, write_cifar10
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work (docs/augment.md)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -341,18 +341,19 @@ def test_device_augmentation_from_jpeg_files_resumes_bitwise(tmp_path):
     assert_state_equal(final_state(tmp_path / "mid"), final_state(tmp_path / "straight"))
 
 
-def test_scripts_train_on_device_from_jpeg_files_and_cifar_files(tmp_path):
-    """As a user runs it: --augment-on device from an ImageFolder (a worker process reads the files, the main
+def test_scripts_train_on_device_from_jpeg_files_and_cifar_files(tmp_path, monkeypatch):
+    """As a user runs it (the CLI, in-process): --augment-on device from an ImageFolder (a worker process reads the files, the main
     process decodes them) and from torchvision's CIFAR-10 files (held in memory as one uint8 tensor)."""
     jpeg_folder(tmp_path / "jpegs", n=32)
     (tmp_path / "jpegs" / "val").symlink_to(tmp_path / "jpegs" / "train")
     moco_co2.main(tiny(moco_co2, tmp_path / "from-jpegs", dataset="imagefolder", data=str(tmp_path / "jpegs"),
                        epochs=1, queue_size=32, workers=1))  # a worker reads the files, this process decodes
     assert load(tmp_path / "from-jpegs" / "last.pt")["step"] == 2
-    env = write_cifar10(tmp_path / "cifar", train_per_batch=8)
-    run_script("caco.py", "--dataset", "cifar10", "--data", tmp_path / "cifar", "--augment-on", "device",
-               "--arch", "resnet18", "--small-stem", "--image-size", "32", "--batch-size", "16", "--bank-size", "32",
-               "--epochs", "1", "--workers", "0", "--out-dir", tmp_path / "from-cifar", env=env)
+    write_cifar10(tmp_path / "cifar", train_per_batch=8)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)  # test files
+    run_cli("caco.py", "--dataset", "cifar10", "--data", tmp_path / "cifar", "--augment-on", "device",
+            "--arch", "resnet18", "--small-stem", "--image-size", "32", "--batch-size", "16", "--bank-size", "32",
+            "--epochs", "1", "--workers", "0", "--out-dir", tmp_path / "from-cifar")
     assert load(tmp_path / "from-cifar" / "last.pt")["step"] == 2
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, run_cli
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import dataloading  # noqa: E402
@@ -127,7 +127,7 @@ def test_embedding_geometry_matches_explicit_formulas():
 
 @pytest.mark.parametrize("script,extra", [("adco.py", ["--bank-size", "64"]), ("moco_co2.py", ["--queue-size", "64"])])
 def test_embedding_stats_reads_a_real_checkpoint(tmp_path, script, extra):
-    run_script(script, *TINY, "--epochs", "1", *extra, "--out-dir", tmp_path / "run")
+    run_cli(script, *TINY, "--epochs", "1", *extra, "--out-dir", tmp_path / "run")
     out = embedding_stats.main(embedding_stats.Args(checkpoint=str(tmp_path / "run" / "last.pt"), json=True))
     assert out["batch"] == 16 and out["step"] == 4 and -1 <= out["q.n_mean"] <= 1
     shares = [v for key, v in out.items() if key.startswith("share_")]

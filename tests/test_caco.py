@@ -11,7 +11,7 @@ import tyro
 
 import caco
 from common import UserError, pil_views
-from conftest import TINY, assert_state_equal, final_state, load, run_script, unit
+from conftest import TINY, assert_state_equal, final_state, load, run_cli, run_script, unit
 
 
 def raw_bank(c, k, seed=3, dtype=torch.float64):
@@ -347,8 +347,8 @@ def test_a_dead_bank_is_reported(tmp_path, bank_size, dead):
     vanished says so. A bank of one column is every query's positive: no negatives, p = 1, G = 0 exactly (dead);
     with 64 columns the negatives keep most of the softmax of a barely trained network."""
     out = tmp_path / "run"
-    proc = run_script("caco.py", *TINY, "--epochs", "1", "--bank-size", bank_size, "--no-bank-init",
-                      "--out-dir", out, "--log-every", "2")
+    proc = run_cli("caco.py", *TINY, "--epochs", "1", "--bank-size", bank_size, "--no-bank-init",
+                   "--out-dir", out, "--log-every", "2")
     shares = [json.loads(line)["neg_share"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in line]
     assert len(shares) == 2 and all(0 <= s <= 1 for s in shares)

@@ -20,7 +20,7 @@ import torchvision
 
 import linear_eval as le
 from common import UserError, eval_transform, make_dataset
-from conftest import ROOT, TINY, assert_state_equal, load, run_script, run_torchrun
+from conftest import ROOT, TINY, assert_state_equal, load, run_cli, run_script, run_torchrun
 
 TINY_KW = dict(dataset="synthetic", synthetic_images=64, arch="resnet18", image_size=32, batch_size=16, workers=0,
                seed=0)
@@ -52,17 +52,6 @@ def backbone_of(ckpt_path):
     """The query encoder's backbone tensors, read independently of linear_eval.read_backbone."""
     state = load(ckpt_path)["encoder_q"]
     return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-
-
-def run_cli(monkeypatch, capsys, *argv):
-    """linear_eval's real entry point in-process: returns (exit code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["linear_eval.py", *map(str, argv)])
-    code = 0
-    try:
-        le.cli(le.main, le.Args)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,7 +228,7 @@ def test_knn_refuses_val_classes_that_differ_from_train(tmp_path, val_classes, n
     """ImageFolder numbers the sorted folder names: a class folder missing or renamed in val silently shifts the
     labels (8.9 % instead of 19.0 % in the report). The run must stop with one line naming the class."""
     root = image_folders(tmp_path / "data", ["ant", "bee", "cat", "dog", "elk"], val_classes)
-    proc = run_script("linear_eval.py", *IMAGEFOLDER_KNN, "--data", root, "--out-dir", tmp_path / "knn", check=False)
+    proc = run_cli("linear_eval.py", *IMAGEFOLDER_KNN, "--data", root, "--out-dir", tmp_path / "knn", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert re.search(r"^error: kNN: val classes differ from train's: " + named, proc.stderr.strip()), proc.stderr
@@ -348,11 +337,11 @@ def test_finetune_trains_the_whole_network_on_a_balanced_subset(pretrained, tmp_
     assert result["model"].backbone.training  # BN in train mode when fine-tuning
 
 
-def test_export_torchvision_and_detectron2(pretrained, tmp_path, monkeypatch, capsys):
+def test_export_torchvision_and_detectron2(pretrained, tmp_path):
     """Only --checkpoint and the output paths are needed (arch and stem come from the checkpoint)."""
     tv, d2 = tmp_path / "r18.pth", tmp_path / "r18.pkl"
-    code, err = run_cli(monkeypatch, capsys, "--checkpoint", pretrained, "--export-torchvision", tv,
-                        "--export-detectron2", d2)
+    code, _, err = run_cli("linear_eval.py", "--checkpoint", pretrained, "--export-torchvision", tv,
+                           "--export-detectron2", d2, check=False)
     assert code == 0, err
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(load(tv), strict=False)
@@ -416,15 +405,14 @@ def test_fake_adco_caco_and_forked_checkpoints_are_accepted(method, tmp_path):
         assert_state_equal(result["model"].backbone.state_dict(), backbone.state_dict())
 
 
-def test_a_forked_method_checkpoint_is_accepted_and_a_backbone_less_one_refused(pretrained, tmp_path, monkeypatch,
-                                                                                capsys):
+def test_a_forked_method_checkpoint_is_accepted_and_a_backbone_less_one_refused(pretrained, tmp_path):
     """The checkpoint format decides, not the method's name: a fork of moco_co2.py (SCRIPT_NAME = "my_fork") is
     evaluated as is, with the same kNN result as the original file; a method checkpoint whose encoder_q has no
     backbone.* tensors is refused in one line."""
     forked = load(pretrained)
     forked["method"] = "my_fork"
     torch.save(forked, tmp_path / "fork.pt")
-    run_script("linear_eval.py", *TINY, "--checkpoint", tmp_path / "fork.pt", "--knn", "--out-dir", tmp_path / "knn")
+    run_cli("linear_eval.py", *TINY, "--checkpoint", tmp_path / "fork.pt", "--knn", "--out-dir", tmp_path / "knn")
     record = json.loads((tmp_path / "knn" / "metrics.jsonl").read_text())
     assert record["backbone"] == "my_fork.py checkpoint"
     original = le.main(le.Args(**TINY_KW, checkpoint=str(pretrained), knn=True, out_dir=str(tmp_path / "knn0")))
@@ -433,8 +421,8 @@ def test_a_forked_method_checkpoint_is_accepted_and_a_backbone_less_one_refused(
                 "encoder_q": {k: v for k, v in forked["encoder_q"].items() if not k.startswith("backbone.")}}
     assert headless["encoder_q"]  # the head is still there
     torch.save(headless, tmp_path / "headless.pt")
-    code, err = run_cli(monkeypatch, capsys, *TINY, "--checkpoint", tmp_path / "headless.pt", "--knn",
-                        "--out-dir", tmp_path / "o")
+    code, _, err = run_cli("linear_eval.py", *TINY, "--checkpoint", tmp_path / "headless.pt", "--knn",
+                           "--out-dir", tmp_path / "o", check=False)
     assert code == 2 and "method 'my_fork' whose encoder_q has no backbone.* tensors" in err, err
     assert len(err.strip().splitlines()) == 1
 
@@ -455,7 +443,7 @@ def test_torchvision_and_official_state_dicts_are_accepted(tmp_path):
     assert_state_equal(state, {k: v for k, v in r18.items() if not k.startswith("fc.")})
 
 
-def test_wrong_files_are_refused_clearly(pretrained, tmp_path, monkeypatch, capsys):
+def test_wrong_files_are_refused_clearly(pretrained, tmp_path):
     cases = {
         "other_method.pt": ({"method": "simclr", "encoder_q": {}}, "method 'simclr'"),
         "linear.pt": ({"method": "linear_eval", "model": {}}, "method 'linear_eval'"),
@@ -464,21 +452,22 @@ def test_wrong_files_are_refused_clearly(pretrained, tmp_path, monkeypatch, caps
     }
     for name, (obj, what) in cases.items():
         torch.save(obj, tmp_path / name)
-        code, err = run_cli(monkeypatch, capsys, "--checkpoint", tmp_path / name, "--export-torchvision",
-                            tmp_path / "x.pth")
+        code, _, err = run_cli("linear_eval.py", "--checkpoint", tmp_path / name, "--export-torchvision",
+                               tmp_path / "x.pth", check=False)
         assert code == 2 and "is neither a pre-training checkpoint" in err, err
         assert what in err, err
         assert len(err.strip().splitlines()) == 1  # one line, no traceback
     (tmp_path / "text.pt").write_text("not a checkpoint")
-    code, err = run_cli(monkeypatch, capsys, "--checkpoint", tmp_path / "text.pt", "--export-torchvision",
-                        tmp_path / "x.pth")
+    code, _, err = run_cli("linear_eval.py", "--checkpoint", tmp_path / "text.pt", "--export-torchvision",
+                           tmp_path / "x.pth", check=False)
     assert code == 2 and "cannot read checkpoint" in err
-    code, err = run_cli(monkeypatch, capsys, "--checkpoint", pretrained, "--arch", "resnet50", "--export-torchvision",
-                        tmp_path / "x.pth")
+    code, _, err = run_cli("linear_eval.py", "--checkpoint", pretrained, "--arch", "resnet50",
+                           "--export-torchvision", tmp_path / "x.pth", check=False)
     assert code == 2 and "--arch resnet50 but" in err and "resnet18" in err
-    code, err = run_cli(monkeypatch, capsys, "--checkpoint", pretrained, "--export-detectron2", tmp_path / "x.pth")
+    code, _, err = run_cli("linear_eval.py", "--checkpoint", pretrained, "--export-detectron2", tmp_path / "x.pth",
+                           check=False)
     assert code == 2 and ".pkl" in err
-    code, err = run_cli(monkeypatch, capsys, "--dataset", "synthetic", "--out-dir", tmp_path / "o")
+    code, _, err = run_cli("linear_eval.py", "--dataset", "synthetic", "--out-dir", tmp_path / "o", check=False)
     assert code == 2 and "--checkpoint PRE/last.pt is required" in err
     assert not (tmp_path / "x.pth").exists()
 

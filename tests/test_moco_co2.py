@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import moco_co2
 from common import UserError
-from conftest import TINY, assert_state_equal, final_state, load, run_script, run_torchrun, unit
+from conftest import TINY, assert_state_equal, final_state, load, run_cli, run_script, run_torchrun, unit
 
 
 def co2_reference(q, k, queue, tau):
@@ -291,9 +291,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
     (tmp_path / "train" / "cat").mkdir(parents=True)
     (tmp_path / "train" / "cat" / "broken.jpg").write_bytes(b"garbage")
-    proc = run_script("moco_co2.py", "--dataset", "imagefolder", "--data", tmp_path, "--arch", "resnet18",
-                      "--image-size", "32", "--batch-size", "1", "--queue-size", "4", "--workers", "1",
-                      "--out-dir", tmp_path / "out", check=False)
+    proc = run_cli("moco_co2.py", "--dataset", "imagefolder", "--data", tmp_path, "--arch", "resnet18",
+                   "--image-size", "32", "--batch-size", "1", "--queue-size", "4", "--workers", "1",
+                   "--out-dir", tmp_path / "out", check=False)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "broken.jpg" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
@@ -306,7 +306,7 @@ def test_batch_must_divide_by_world_size(tmp_path):
 
 
 def test_help_lists_every_flag_with_its_docstring():
-    proc = run_script("moco_co2.py", "--help")
+    proc = run_cli("moco_co2.py", "--help")
     for flag, words in [("--co2-alpha", "α"), ("--co2-tau", "τ_con"), ("--moco-t", "τ"), ("--queue-size", "K"),
                         ("--batch-size", "GLOBAL"), ("--resume", "auto")]:
         assert flag in proc.stdout and words in proc.stdout, flag
