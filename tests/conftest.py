@@ -1,4 +1,5 @@
-"""Shared test helpers: run a script as a user would (subprocess, plain python or torchrun), tiny settings.
+"""Shared test helpers: run a script as a user would (subprocess, its entry point in-process, two torchrun nodes),
+tiny settings.
 
 Every training script accepts TINY (a synthetic 64-image, 32 px, ResNet-18 run that takes seconds on CPU).
 """
@@ -136,17 +137,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def run_torchrun(script, *args, nproc=2, check=True, timeout=600, env=None):
-    """`torchrun --standalone --nproc_per_node=<nproc> <script> args...` (gloo on CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"torchrun {script} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
-                             f"stderr:\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def run_two_nodes(script, *args, timeout=600, env=None):

@@ -13,6 +13,8 @@ for its test to compare across ranks:
 - augment (tests/test_augment.py): each method's main() for 1 step with --augment-on device; the first draw.
 - extract (tests/test_common.py): kNN extraction when ONE rank's local pass fails (an ordinary exception, a
   UserError, one raised in a DataLoader worker), then a healthy pass: the failures left no collective unpaired.
+- linear_eval (tests/test_linear_eval.py): a frozen probe of the moco job's checkpoint on 60 synthetic images.
+- refusal (tests/test_moco_co2.py): moco_co2.main with a global batch of 15, which 2 processes cannot split.
 """
 import os
 import sys
@@ -25,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import adco  # noqa: E402
 import caco  # noqa: E402
 import common  # noqa: E402
+import linear_eval  # noqa: E402
 import moco_co2  # noqa: E402
 from common import SyntheticImages, UserError, eval_transform, extract_features  # noqa: E402
 
@@ -153,9 +156,24 @@ def job_extract(out: str) -> None:
     save({"outcomes": outcomes, "feats": feats, "labels": labels}, os.path.join(out, "rank"))
 
 
+def job_linear_eval(out: str) -> None:
+    reuse_the_group(linear_eval)
+    linear_eval.main(linear_eval.Args(**{**TINY, "synthetic_images": 60}, out_dir=out,
+                                      checkpoint=os.path.join(os.path.dirname(out), "moco", "last.pt")))
+
+
+def job_refusal(out: str) -> None:
+    try:
+        moco_co2.main(moco_co2.Args(**{**TINY, "batch_size": 15}, queue_size=60, out_dir=os.path.join(out, "run")))
+        error = None
+    except UserError as e:
+        error = str(e)
+    save({"error": error, "wrote": os.path.exists(os.path.join(out, "run"))}, os.path.join(out, "rank"))
+
+
 if __name__ == "__main__":
     root = sys.argv[1]
-    for name in ("adco", "moco", "caco", "augment", "extract"):  # adco first: it sets the process group up
+    for name in ("adco", "moco", "caco", "augment", "extract", "linear_eval", "refusal"):  # adco first: it sets the process group up
         os.makedirs(os.path.join(root, name), exist_ok=True)
         globals()[f"job_{name}"](os.path.join(root, name))
     dist.destroy_process_group()

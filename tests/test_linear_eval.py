@@ -20,7 +20,7 @@ import torchvision
 
 import linear_eval as le
 from common import UserError, eval_transform, make_dataset
-from conftest import ROOT, TINY, assert_state_equal, load, run_cli, run_script, run_torchrun
+from conftest import ROOT, TINY, assert_state_equal, load, run_cli, run_script
 
 TINY_KW = dict(dataset="synthetic", synthetic_images=64, arch="resnet18", image_size=32, batch_size=16, workers=0,
                seed=0)
@@ -475,11 +475,10 @@ def test_wrong_files_are_refused_clearly(pretrained, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # two processes: the val set is counted once (15 images, odd: no padding duplicates), the probe stays frozen
 # ---------------------------------------------------------------------------------------------------
-def test_two_processes_count_the_full_val_set(pretrained, tmp_path):
-    out = tmp_path / "ddp"
-    args = ["--dataset", "synthetic", "--synthetic-images", "60", "--arch", "resnet18", "--image-size", "32",
-            "--batch-size", "16", "--workers", "0", "--checkpoint", pretrained, "--epochs", "1", "--out-dir", out]
-    run_torchrun("linear_eval.py", *args, nproc=2)
+@pytest.mark.xdist_group("two_ranks")
+def test_two_processes_count_the_full_val_set(two_ranks):
+    """linear_eval.main on 2 ranks (tests/dist_worker.py) probing the moco job's checkpoint there."""
+    out, pretrained = two_ranks / "linear_eval", two_ranks / "moco" / "last.pt"
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     model = le.Classifier(le.build_resnet("resnet18")[0], 512, 10, frozen=True)
     model.load_state_dict(load(out / "last.pt")["model"])

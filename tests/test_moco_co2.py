@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import moco_co2
 from common import UserError
-from conftest import TINY, assert_state_equal, final_state, load, run_cli, run_script, run_torchrun, unit
+from conftest import TINY, assert_state_equal, final_state, load, run_cli, run_script, unit
 
 
 def co2_reference(q, k, queue, tau):
@@ -299,10 +299,13 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
-def test_batch_must_divide_by_world_size(tmp_path):
-    proc = run_torchrun("moco_co2.py", *TINY[:-6], "--batch-size", "15", "--workers", "0",
-                        "--out-dir", tmp_path, nproc=2, check=False)
-    assert proc.returncode != 0 and "must divide by the 2 processes" in proc.stderr
+@pytest.mark.xdist_group("two_ranks")
+def test_batch_must_divide_by_world_size(two_ranks):
+    """moco_co2.main with a global batch of 15 on 2 ranks (tests/dist_worker.py): refused on each, nothing written."""
+    for rank in (0, 1):
+        result = load(two_ranks / "refusal" / f"rank{rank}.pt")
+        assert "--batch-size 15 is the global batch and must divide by the 2 processes" in result["error"]
+        assert not result["wrote"]
 
 
 def test_help_lists_every_flag_with_its_docstring():
