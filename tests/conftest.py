@@ -3,6 +3,7 @@ tiny settings.
 
 Every training script accepts TINY (a synthetic 64-image, 32 px, ResNet-18 run that takes seconds on CPU).
 """
+import fcntl
 import os
 import shutil
 import socket
@@ -232,8 +233,15 @@ def write_cifar10(root, train_per_batch: int = 8, test: int = 8, seed: int = 0) 
 @pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory):
     """The folder of one two-node launch of tests/dist_worker.py (every two-rank check of the method and common
-    tests), made once per session: <folder>/<job> holds each job's files. Tests that use it carry the mark
-    xdist_group("two_ranks"), so that with pytest-xdist one worker runs them all and the launch happens once."""
-    out = tmp_path_factory.mktemp("two_ranks")
-    run_two_nodes("tests/dist_worker.py", out, timeout=600)
+    tests): <folder>/<job> holds each job's files. Made once per session: pytest-xdist's workers share their
+    controller's folder, and the first to get here launches while the other waits on the lock."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+    out = shared / "two_ranks"
+    with open(shared / "two_ranks.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "done").exists():
+            out.mkdir(exist_ok=True)
+            run_two_nodes("tests/dist_worker.py", out, timeout=600)
+            (out / "done").write_text("")
     return out

@@ -177,7 +177,6 @@ def test_multi_crop_views(image_size, sizes):
 # ---------------------------------------------------------------------------------------------------
 # distributed: 2 torchrun nodes x 1 process
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.xdist_group("two_ranks")
 def test_two_nodes_labels_point_at_own_keys_and_banks_stay_identical(two_ranks):
     """LOCAL_RANK is 0 on both nodes (where upstream's label is wrong). The loop's labels must be r*N + i
     and select each rank's own keys from the gathered keys; bank and velocity bitwise equal on both ranks,

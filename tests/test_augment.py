@@ -357,7 +357,6 @@ def test_scripts_train_on_device_from_jpeg_files_and_cifar_files(tmp_path, monke
     assert load(tmp_path / "from-cifar" / "last.pt")["step"] == 2
 
 
-@pytest.mark.xdist_group("two_ranks")
 def test_two_ranks_split_each_epoch_and_draw_their_own_augmentations(two_ranks):
     """Each rank's DeviceLoader yields its own half of the epoch (disjoint, together the whole split), and in a
     two-process torchrun run (gloo, CPU) of each method with --augment-on device, the ranks train as one job and

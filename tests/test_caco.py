@@ -278,7 +278,6 @@ def test_knn_failure_never_ends_training(tmp_path, monkeypatch, capsys):
     assert "kNN monitor failed, training continues" in capsys.readouterr().out
 
 
-@pytest.mark.xdist_group("two_ranks")
 def test_two_processes_keep_identical_banks(two_ranks):
     """2 ranks (gloo) see different images; after bank initialisation and 4 steps (single crop) and again
     with --multi-crop, both hold the same bank and velocity (the all-reduced gradient), and the same

@@ -184,7 +184,6 @@ def test_check_same_classes_reads_imagefolder_and_cifar(tmp_path, monkeypatch):
                        make_dataset("cifar10", str(tmp_path / "cifar"), "val", None), "kNN")
 
 
-@pytest.mark.xdist_group("two_ranks")
 def test_two_process_extraction_fails_on_every_rank_together(two_ranks):
     """Rank 1 cannot read one image: both ranks must raise the same error naming rank 1 (not hang in all_gather,
     not pair their collectives wrongly); a UserError cause stays a UserError; a healthy pass afterwards in the

@@ -475,7 +475,6 @@ def test_wrong_files_are_refused_clearly(pretrained, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # two processes: the val set is counted once (15 images, odd: no padding duplicates), the probe stays frozen
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.xdist_group("two_ranks")
 def test_two_processes_count_the_full_val_set(two_ranks):
     """linear_eval.main on 2 ranks (tests/dist_worker.py) probing the moco job's checkpoint there."""
     out, pretrained = two_ranks / "linear_eval", two_ranks / "moco" / "last.pt"

@@ -179,7 +179,6 @@ def test_checkpoints_from_before_blur_and_bn_splits_still_resume(tmp_path):
         moco_co2.main(tiny_args(out, epochs=3, resume="auto", bn_splits=2))
 
 
-@pytest.mark.xdist_group("two_ranks")
 def test_two_processes(two_ranks):
     """2 ranks (gloo): identical queues, keys gathered in rank order, ShuffleBN is an exact inverse that
     really mixes samples across ranks, kNN extraction sees each image once."""
@@ -299,7 +298,6 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
-@pytest.mark.xdist_group("two_ranks")
 def test_batch_must_divide_by_world_size(two_ranks):
     """moco_co2.main with a global batch of 15 on 2 ranks (tests/dist_worker.py): refused on each, nothing written."""
     for rank in (0, 1):
