@@ -14,8 +14,11 @@ for its test to compare across ranks:
 - extract (tests/test_common.py): kNN extraction when ONE rank's local pass fails (an ordinary exception, a
   UserError, one raised in a DataLoader worker), then a healthy pass: the failures left no collective unpaired.
 - linear_eval (tests/test_linear_eval.py): a frozen probe of the moco job's checkpoint on 60 synthetic images.
-- refusal (tests/test_moco_co2.py): moco_co2.main with a global batch of 15, which 2 processes cannot split.
+- refusal (tests/test_moco_co2.py): moco_co2.py's command line with a global batch of 15, which 2 processes
+  cannot split: its entry point's exit code and error line on each rank.
 """
+import contextlib
+import io
 import os
 import sys
 
@@ -163,12 +166,20 @@ def job_linear_eval(out: str) -> None:
 
 
 def job_refusal(out: str) -> None:
-    try:
-        moco_co2.main(moco_co2.Args(**{**TINY, "batch_size": 15}, queue_size=60, out_dir=os.path.join(out, "run")))
-        error = None
-    except UserError as e:
-        error = str(e)
-    save({"error": error, "wrote": os.path.exists(os.path.join(out, "run"))}, os.path.join(out, "rank"))
+    """Last: cli() ends the process group, as it ends every run."""
+    reuse_the_group(moco_co2)
+    sys.argv = ["moco_co2.py", "--dataset", "synthetic", "--synthetic-images", "64", "--arch", "resnet18",
+                "--image-size", "32", "--batch-size", "15", "--queue-size", "60", "--workers", "0",
+                "--out-dir", os.path.join(out, "run")]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            moco_co2.cli(moco_co2.main, moco_co2.Args)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    torch.save({"code": code, "stderr": err.getvalue(), "wrote": os.path.exists(os.path.join(out, "run"))},
+               os.path.join(out, f"rank{os.environ['RANK']}.pt"))
 
 
 if __name__ == "__main__":
@@ -176,4 +187,3 @@ if __name__ == "__main__":
     for name in ("adco", "moco", "caco", "augment", "extract", "linear_eval", "refusal"):  # adco first: it sets the process group up
         os.makedirs(os.path.join(root, name), exist_ok=True)
         globals()[f"job_{name}"](os.path.join(root, name))
-    dist.destroy_process_group()

@@ -299,10 +299,13 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_batch_must_divide_by_world_size(two_ranks):
-    """moco_co2.main with a global batch of 15 on 2 ranks (tests/dist_worker.py): refused on each, nothing written."""
+    """moco_co2.py's entry point with a global batch of 15 on 2 ranks (tests/dist_worker.py): each rank exits 2 with
+    one line naming itself, and nothing is written."""
     for rank in (0, 1):
         result = load(two_ranks / "refusal" / f"rank{rank}.pt")
-        assert "--batch-size 15 is the global batch and must divide by the 2 processes" in result["error"]
+        assert result["code"] == 2 and result["stderr"].count("\n") == 1, result["stderr"]
+        assert result["stderr"].startswith(f"[rank {rank}] error: --batch-size 15 is the global batch and must divide "
+                                           "by the 2 processes")
         assert not result["wrote"]
 
 
