@@ -367,8 +367,7 @@ def main(args: Args) -> dict:
             k = encoder_k(x)
         return batch_unshuffle(F.normalize(k.float(), dim=1), idx_unshuffle)
 
-    def sgd_step(loss: torch.Tensor) -> None:
-        """The network's step (DDP averages the gradient over ranks); the bank is outside DDP and the optimizer."""
+    def sgd_step(loss: torch.Tensor) -> None:  # DDP averages the gradient; the bank is outside DDP and the optimizer
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -708,10 +707,8 @@ def lock_run_folder(out_dir: str, rank: int) -> None:
 
 
 def unlock_run_folder() -> None:  # at the end of main(), for the next main() in this process
-    global RUN_LOCK
     if RUN_LOCK is not None:
-        RUN_LOCK.close()
-        RUN_LOCK = None
+        RUN_LOCK.close()  # (closing it twice is harmless)
 
 
 RUN_LOCK = None
@@ -785,9 +782,7 @@ def make_console(rank: int) -> Console:
 
 def print_args(console: Console, args, derived: dict) -> None:
     """The arguments and derived values as a table; Text() cells, so paths are never parsed as markup."""
-    table = Table(title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
-    table.add_column("argument")
-    table.add_column("value")
+    table = Table("argument", "value", title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
     for key, value in list(asdict(args).items()) + list(derived.items()):
         table.add_row(Text(key), Text(str(value)))
     console.print(table)

@@ -297,11 +297,10 @@ class LARS(torch.optim.Optimizer):
                     w_norm, d_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(d)
                     ok = (w_norm > 0) & (d_norm > 0)  # the trust ratio stays a tensor: no host sync
                     d = d.mul(torch.where(ok, group["trust"] * w_norm / d_norm, torch.ones_like(w_norm)))
-                state = self.state[w]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(w)
-                state["mu"].mul_(group["momentum"]).add_(d)
-                w.add_(state["mu"], alpha=-group["lr"])
+                if "mu" not in self.state[w]:
+                    self.state[w]["mu"] = torch.zeros_like(w)
+                mu = self.state[w]["mu"].mul_(group["momentum"]).add_(d)  # in place: μ <- momentum μ + d
+                w.add_(mu, alpha=-group["lr"])
 
 
 class Encoder(nn.Module):
@@ -378,8 +377,7 @@ def main(args: Args) -> dict:
             z = encoder(x)
         return F.normalize(z.float(), dim=1)
 
-    def sgd_step(loss: torch.Tensor) -> None:
-        """The network's LARS step (DDP averages the gradient over ranks); the bank is outside DDP and the optimizer."""
+    def sgd_step(loss: torch.Tensor) -> None:  # LARS; DDP averages the gradient; the bank is outside DDP and LARS
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -389,11 +387,10 @@ def main(args: Args) -> dict:
                                                       bank_velocity=bank_velocity)
     model = wrap_model(encoder_q, run, args.compile)
     metrics = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), run.rank, step if run.ckpt else None)
-    announce(run, args, {
-        "peak lr (lr x B/256)": lr_peak, "final lr": lr_final, "amp dtype": amp_dtype or "fp32",
-        "steps per epoch": steps_per_epoch, "loss terms (query, key, weight)": pairs,
-        "bank initialisation": "restored" if run.ckpt else "off (randn)" if not args.bank_init else
-                               f"{-(-args.bank_size // args.batch_size)} steps (ceil K/B) at lr {init_lr:g}"})
+    announce(run, args, {"peak lr (lr x B/256)": lr_peak, "final lr": lr_final, "amp dtype": amp_dtype or "fp32",
+                         "steps per epoch": steps_per_epoch, "loss terms (query, key, weight)": pairs,
+                         "bank initialisation": "restored" if run.ckpt else "off (randn)" if not args.bank_init else
+                         f"{-(-args.bank_size // args.batch_size)} steps (ceil K/B) at lr {init_lr:g}"})
     if not sync_bn:
         run.console.print("plain BatchNorm: SyncBN (upstream, on every BN) is used only with several CUDA processes"
                           + ("" if run.world == 1 else "; here each process normalises its own batch"), markup=False)
@@ -651,10 +648,8 @@ def lock_run_folder(out_dir: str, rank: int) -> None:
 
 
 def unlock_run_folder() -> None:  # at the end of main(), for the next main() in this process
-    global RUN_LOCK
     if RUN_LOCK is not None:
-        RUN_LOCK.close()
-        RUN_LOCK = None
+        RUN_LOCK.close()  # (closing it twice is harmless)
 
 
 RUN_LOCK = None
@@ -728,9 +723,7 @@ def make_console(rank: int) -> Console:
 
 def print_args(console: Console, args, derived: dict) -> None:
     """The arguments and derived values as a table; Text() cells, so paths are never parsed as markup."""
-    table = Table(title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
-    table.add_column("argument")
-    table.add_column("value")
+    table = Table("argument", "value", title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
     for key, value in list(asdict(args).items()) + list(derived.items()):
         table.add_row(Text(key), Text(str(value)))
     console.print(table)

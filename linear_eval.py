@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 import zipfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from typing import Literal, Optional
@@ -305,11 +306,8 @@ class Classifier(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen:
-            with torch.no_grad():
-                features = self.backbone(x)  # [N, feat_dim], no graph kept
-        else:
-            features = self.backbone(x)
+        with torch.no_grad() if self.frozen else nullcontext():
+            features = self.backbone(x)  # [N, feat_dim]; frozen: no graph kept
         with torch.autocast(x.device.type, enabled=False):
             return self.fc(features.float())  # [N, classes], fp32
 
@@ -349,10 +347,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, w
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if autocast is not None:
-            with autocast():
-                logits = model(images)
-        else:
+        with autocast() if autocast is not None else nullcontext():
             logits = model(images)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices  # [N, 5], best class first
         counts[0] += (top5[:, 0] == labels).sum()
@@ -755,9 +750,8 @@ def main(args: Args) -> dict:
                     if not end_of_epoch:  # the end-of-epoch record also carries the val accuracy
                         metrics.write(record)
                     console.print(f"epoch {epoch} [{done}/{steps_per_epoch}] step {step}  loss {record['loss']:.4f}  "
-                                  f"train top-1 {record['train_top1']:.1f}  lr {lr:.5g}  "
-                                  f"{record['img_per_s']:.0f} img/s",
-                                  markup=False, highlight=False)
+                                  f"train top-1 {record['train_top1']:.1f}  lr {lr:.5g}  {record['img_per_s']:.0f} "
+                                  f"img/s", markup=False, highlight=False)
                     sums.zero_()
                     window_start = time.perf_counter()
                 if signum and not end_of_epoch:  # mid-epoch: save this position and leave
@@ -971,10 +965,8 @@ def lock_run_folder(out_dir: str, rank: int) -> None:
 
 
 def unlock_run_folder() -> None:  # at the end of main(), for the next main() in this process
-    global RUN_LOCK
     if RUN_LOCK is not None:
-        RUN_LOCK.close()
-        RUN_LOCK = None
+        RUN_LOCK.close()  # (closing it twice is harmless)
 
 
 RUN_LOCK = None
@@ -1048,9 +1040,7 @@ def make_console(rank: int) -> Console:
 
 def print_args(console: Console, args, derived: dict) -> None:
     """The arguments and derived values as a table; Text() cells, so paths are never parsed as markup."""
-    table = Table(title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
-    table.add_column("argument")
-    table.add_column("value")
+    table = Table("argument", "value", title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
     for key, value in list(asdict(args).items()) + list(derived.items()):
         table.add_row(Text(key), Text(str(value)))
     console.print(table)

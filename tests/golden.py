@@ -93,7 +93,7 @@ def metrics(path: Path) -> list:
 def compare(a: Path, b: Path) -> int:
     failed = 0
     for name in RUNS:
-        problems = []
+        problems = [] if (a / name).is_dir() and (b / name).is_dir() else ["the run is missing in one recording"]
         files = sorted({p.relative_to(a / name) for p in (a / name).rglob("*") if p.is_file()}
                        | {p.relative_to(b / name) for p in (b / name).rglob("*") if p.is_file()})
         for rel in files:
