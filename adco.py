@@ -573,7 +573,9 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     with per-GPU BN, so ShuffleBN works on one GPU (--bn-splits S; MoCo's CIFAR-10 demo uses 8). Running
     statistics = mean of the S sub-batch updates; eval mode is plain BN; same state dict as nn.BatchNorm2d."""
 
-    def __init__(self, bn: nn.BatchNorm2d, splits: int):  # torchvision's BNs: affine, running stats, momentum 0.1
+    def __init__(self, bn: nn.BatchNorm2d, splits: int):
+        if not (bn.affine and bn.track_running_stats and bn.momentum is not None):
+            raise ValueError("SplitBatchNorm2d needs an affine BN with running statistics and a float momentum")
         super().__init__(bn.num_features, bn.eps, bn.momentum, device=bn.weight.device, dtype=bn.weight.dtype)
         self.load_state_dict(bn.state_dict())
         self.splits = splits
@@ -765,8 +767,9 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     if not isinstance(ckpt, dict) or found != SCRIPT_NAME:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
         raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint (it holds {what})")
-    changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r} -> {getattr(args, k)!r}"
-               for k in must_match if ckpt["args"].get(k) != getattr(args, k)]
+    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}  # flags added later: the value older runs had
+    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
+               for k in must_match if old.get(k) != getattr(args, k)]
     if changed:
         raise UserError(f"{path} was trained with other arguments; resuming would mix two recipes: "
                         + ", ".join(changed))

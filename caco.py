@@ -706,8 +706,9 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     if not isinstance(ckpt, dict) or found != SCRIPT_NAME:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
         raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint (it holds {what})")
-    changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r} -> {getattr(args, k)!r}"
-               for k in must_match if ckpt["args"].get(k) != getattr(args, k)]
+    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}  # flags added later: the value older runs had
+    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
+               for k in must_match if old.get(k) != getattr(args, k)]
     if changed:
         raise UserError(f"{path} was trained with other arguments; resuming would mix two recipes: "
                         + ", ".join(changed))
