@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 import zipfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from typing import Literal, Optional
@@ -199,6 +200,8 @@ RANGES = {"label_fraction": "(0, 1]", "synthetic_images": ">= 1", "image_size": 
 
 def resolve_recipe(args: Args) -> Args:
     """Fills every optimisation field left at None from --protocol (moco, or semi with --finetune)."""
+    if args.knn and args.finetune:
+        raise UserError("--knn and --finetune are separate evaluations; run them one at a time")
     protocol = args.protocol or ("semi" if args.finetune else "moco")
     filled = {k: v for k, v in RECIPES[protocol].items() if getattr(args, k) is None}
     return replace(args, protocol=protocol, **filled)
@@ -303,11 +306,8 @@ class Classifier(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen:
-            with torch.no_grad():
-                features = self.backbone(x)  # [N, feat_dim], no graph kept
-        else:
-            features = self.backbone(x)
+        with torch.no_grad() if self.frozen else nullcontext():
+            features = self.backbone(x)  # [N, feat_dim]; frozen: no graph kept
         with torch.autocast(x.device.type, enabled=False):
             return self.fc(features.float())  # [N, classes], fp32
 
@@ -347,10 +347,7 @@ def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device, w
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if autocast is not None:
-            with autocast():
-                logits = model(images)
-        else:
+        with autocast() if autocast is not None else nullcontext():
             logits = model(images)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices  # [N, 5], best class first
         counts[0] += (top5[:, 0] == labels).sum()
@@ -626,8 +623,6 @@ def main(args: Args) -> dict:
     check_ranges(args, RANGES)
     rank, world, device = setup_distributed()
     console = make_console(rank)
-    if args.knn and args.finetune:
-        raise UserError("--knn and --finetune are separate evaluations; run them one at a time")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the "
                         f"{world} processes")
@@ -660,11 +655,7 @@ def main(args: Args) -> dict:
     if ckpt is not None and ckpt["next_epoch"] >= args.epochs:
         console.print(f"{resume_path} already finished its {ckpt['next_epoch']} epochs; nothing to do", markup=False)
         return {}
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot make --out-dir {args.out_dir}: {e.strerror}") from None
-    lock_run_folder(args.out_dir)
+    lock_run_folder(args.out_dir, rank)
     stop = GracefulStop()  # SIGTERM / SIGINT / SIGUSR1: checkpoint after the current step, then exit
 
     # ---- 6. model, optimizer -----------------------------------------------------------------------------
@@ -687,8 +678,7 @@ def main(args: Args) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_batch, step = ckpt["next_epoch"], ckpt["next_batch"], ckpt["step"]
-        best_top1 = ckpt["best_top1"]
+        start_epoch, start_batch, step, best_top1 = (ckpt[k] for k in ("next_epoch", "next_batch", "step", "best_top1"))
         if len(ckpt["rng"]) == world:
             set_rng_state(ckpt["rng"][rank], device)
         else:
@@ -713,9 +703,11 @@ def main(args: Args) -> dict:
                 "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "best_top1": best_top1, "rng": all_rng_states(device)}
 
+    last_pt = os.path.join(args.out_dir, "last.pt")
+
     def save(state: dict) -> None:
         if rank == 0:
-            save_checkpoint(os.path.join(args.out_dir, "last.pt"), state)
+            save_checkpoint(last_pt, state)
 
     # ---- 8. train loop ------------------------------------------------------------------------------------
     ddp_model.train()  # a frozen backbone stays in eval mode (Classifier.train)
@@ -752,23 +744,20 @@ def main(args: Args) -> dict:
                               "train_top1": 100 * totals[1] / totals[2],
                               "img_per_s": totals[2] * world / elapsed}
                     if not all(math.isfinite(v) for v in totals):
-                        last = os.path.join(args.out_dir, "last.pt")
                         raise UserError(f"non-finite loss at epoch {epoch}, step {step} ({record}); lower --lr; " +
-                                        (f"{last} is the last good checkpoint" if os.path.exists(last) else
+                                        (f"{last_pt} is the last good checkpoint" if os.path.exists(last_pt) else
                                          "no checkpoint was written before"))
                     if not end_of_epoch:  # the end-of-epoch record also carries the val accuracy
                         metrics.write(record)
                     console.print(f"epoch {epoch} [{done}/{steps_per_epoch}] step {step}  loss {record['loss']:.4f}  "
-                                  f"train top-1 {record['train_top1']:.1f}  lr {lr:.5g}  "
-                                  f"{record['img_per_s']:.0f} img/s",
-                                  markup=False, highlight=False)
+                                  f"train top-1 {record['train_top1']:.1f}  lr {lr:.5g}  {record['img_per_s']:.0f} "
+                                  f"img/s", markup=False, highlight=False)
                     sums.zero_()
                     window_start = time.perf_counter()
                 if signum and not end_of_epoch:  # mid-epoch: save this position and leave
                     save(checkpoint_state(epoch, done))
-                    console.print(f"stopped by {signal.Signals(signum).name} at step {step}; "
-                                  f"{os.path.join(args.out_dir, 'last.pt')} holds it; continue with --resume auto",
-                                  markup=False)
+                    console.print(f"stopped by {signal.Signals(signum).name} at step {step}; {last_pt} holds it; "
+                                  f"continue with --resume auto", markup=False)
                     raise SystemExit(128 + signum)
 
             # ---- 9. end of epoch: sanity check, val accuracy, checkpoint ---------------------------------------
@@ -816,23 +805,19 @@ def first_host(nodelist: str) -> str:
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; `srun` sets SLURM_PROCID /
-    SLURM_NTASKS / SLURM_LOCALID, used when RANK is absent, with MASTER_ADDR (default: the job's first host) and
-    MASTER_PORT (default: 20000 + (job id + 1000 x step id) mod 10000, so concurrent steps of a job differ), where
-    rank 0 serves a TCPStore; a rank that finds no rendezvous within RENDEZVOUS_TIMEOUT seconds (default 300) stops
-    with one line. Plain `python` is one process without a process group. NCCL on GPUs, gloo on CPU. The local
-    rank only picks the GPU."""
+    """(GLOBAL rank, world size, device) from torchrun's variables, else srun's (docs/checkpoints.md, SLURM);
+    plain `python` is one process without a process group. The local rank only picks the GPU."""
     env, store = os.environ, None
     tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
     if "RANK" not in env and "SLURM_PROCID" in env and tasks > 1:  # one srun task per GPU
         job, step = (int(env.get(name, "0")) for name in ("SLURM_JOB_ID", "SLURM_STEP_ID"))
         env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
         env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", ""))))
-        env.setdefault("MASTER_PORT", str(20000 + (job + 1000 * step) % 10000))
+        env.setdefault("MASTER_PORT", str(20000 + (job + 1000 * step) % 10000))  # concurrent steps of a job differ
         where, seconds = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}", float(env.get("RENDEZVOUS_TIMEOUT", "300"))
         try:
             store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), tasks, env["RANK"] == "0",
-                                  timedelta(seconds=seconds))  # rank 0 waits until every rank has joined
+                                  timedelta(seconds=seconds))  # rank 0 serves it and waits until every rank joined
         except RuntimeError as e:  # DistStoreError (ranks missing), DistNetworkError (no server, port in use)
             raise UserError(f"rank {env['RANK']} of {tasks} found no rendezvous at {where} within {seconds:g} s "
                             f"({str(e).strip().splitlines()[0]}); start all {tasks} tasks with srun, not plain "
@@ -840,13 +825,12 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in env:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, store=store, rank=rank, world_size=world)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, store=store, rank=rank,
+                            world_size=world)
     return rank, world, device
 
 
@@ -903,10 +887,16 @@ def setup_amp(device: torch.device, enabled: bool):
 
 
 # >>> shared: checkpoint
-def rng_state(device: torch.device) -> dict:
-    """This process's RNG states as plain types (loadable with weights_only=True)."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+def all_rng_states(device: torch.device) -> list:
+    """Every rank's RNG states (CPU tensors and plain types: weights_only=True loads them), in rank order.
+    A collective: all ranks must call it."""
+    mine = {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if not is_distributed():
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
@@ -914,16 +904,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def all_rng_states(device: torch.device) -> list:
-    """Every rank's RNG state, in rank order (a collective: all ranks must call it)."""
-    mine = rng_state(device)
-    if not is_distributed():
-        return [mine]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in mine.items()})
-    return states
 
 
 def tensor_bytes(obj) -> int:
@@ -934,8 +914,7 @@ def tensor_bytes(obj) -> int:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: a per-process temp file, then a rename, so a crash or a full disk leaves the previous file intact.
-    Checks first that the disk holds one more checkpoint with a margin; a failed write removes its temp file."""
+    """Atomic (a per-process temp file, then a rename): a crash or a full disk leaves the previous file intact."""
     folder = os.path.dirname(path) or "."
     need = int(1.1 * tensor_bytes(state)) + 2**26  # tensors + 10 % + 64 MiB for pickle and file system slack
     free = shutil.disk_usage(folder).free
@@ -956,20 +935,22 @@ def save_checkpoint(path: str, state: dict) -> None:
                         f"{need / 2**30:.2f} GiB ({why}); the previous checkpoint is kept") from None
 
 
-def lock_run_folder(out_dir: str) -> None:
-    """One job per --out-dir: rank 0 holds an OS lock on <out-dir>/.lock for the life of the process (released
-    by the kernel even after kill -9). A second job is refused in one line. Holding the lock, it removes the temp
-    checkpoints that processes killed in mid-write left (no live job can own them)."""
+def lock_run_folder(out_dir: str, rank: int) -> None:
+    """Makes --out-dir. One job per folder: rank 0 holds an OS lock on <out-dir>/.lock while it lives (the kernel
+    releases it, even after kill -9) and removes the temp checkpoints left by processes killed in mid-write."""
     global RUN_LOCK
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make --out-dir {out_dir}: {e.strerror}") from None
     error = None
-    if not is_distributed() or dist.get_rank() == 0:
-        path = os.path.join(out_dir, ".lock")
+    if rank == 0:
         try:
-            RUN_LOCK = open(path, "a+")
+            RUN_LOCK = open(os.path.join(out_dir, ".lock"), "a+")
             fcntl.flock(RUN_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
             RUN_LOCK.seek(0), RUN_LOCK.truncate(), RUN_LOCK.write(f"{socket.gethostname()} {os.getpid()}\n")
             RUN_LOCK.flush()
-            for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp.*")):
+            for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp.*")):  # no live job owns them
                 os.remove(stale)
                 print(f"removed {stale}, a temporary checkpoint left by a process killed while writing it")
         except BlockingIOError:
@@ -983,12 +964,9 @@ def lock_run_folder(out_dir: str) -> None:
     raise_on_every_rank(error)
 
 
-def unlock_run_folder() -> None:
-    """Releases the --out-dir lock at the end of a run (the kernel does it anyway when the process ends)."""
-    global RUN_LOCK
+def unlock_run_folder() -> None:  # at the end of main(), for the next main() in this process
     if RUN_LOCK is not None:
-        RUN_LOCK.close()
-        RUN_LOCK = None
+        RUN_LOCK.close()  # (closing it twice is harmless)
 
 
 RUN_LOCK = None
@@ -1063,9 +1041,7 @@ def make_console(rank: int) -> Console:
 
 def print_args(console: Console, args, derived: dict) -> None:
     """The arguments and derived values as a table; Text() cells, so paths are never parsed as markup."""
-    table = Table(title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
-    table.add_column("argument")
-    table.add_column("value")
+    table = Table("argument", "value", title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
     for key, value in list(asdict(args).items()) + list(derived.items()):
         table.add_row(Text(key), Text(str(value)))
     console.print(table)
@@ -1078,9 +1054,8 @@ def make_progress(console: Console) -> Progress:
 
 
 class MetricsLog:
-    """<out-dir>/metrics.jsonl, one JSON record per line, written by rank 0. On resume, records after the
-    checkpoint's step (logged after the last checkpoint) are dropped: the file reads as one run. A line torn by
-    a crash in mid-write is dropped too, and said so."""
+    """<out-dir>/metrics.jsonl, one JSON record per line, written by rank 0. On resume, the records after the
+    checkpoint's step and a line torn by a crash in mid-write (said so) are dropped: the file reads as one run."""
 
     def __init__(self, path: str, rank: int, resume_step: Optional[int]):
         self.path, self.active = path, rank == 0
@@ -1111,9 +1086,8 @@ class MetricsLog:
 
 # >>> shared: entry
 def cli(main, args_type) -> None:
-    """Parses Args with tyro (--help comes from the field docstrings) and runs main. A UserError becomes one
-    line on stderr and exit code 2, a full /dev/shm one line and exit code 1, no traceback. Always tears down the
-    process group."""
+    """Parses Args with tyro (--help from the field docstrings) and runs main. A UserError is one line on stderr
+    and exit code 2, a full /dev/shm one line and exit code 1, no traceback. Always tears down the process group."""
     args = tyro.cli(args_type, console_outputs=os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
 
     def exit_with_one_line(message: str, code: int) -> None:
@@ -1141,11 +1115,9 @@ def cli(main, args_type) -> None:
 
 
 class GracefulStop:
-    """SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C, SLURM's --signal) ask the run to stop after the current
-    step with a checkpoint. A repeated SIGTERM or SIGUSR1 asks again (under torchrun a worker gets SLURM's signal
-    twice: directly and forwarded); a second Ctrl-C ends the process at once. The ranks agree on the step: each step
-    every rank starts an all-reduce (MAX) of its flag on a CPU (gloo) group and reads the previous step's
-    result, so a signal to any one rank stops all of them at the same step, without a GPU sync."""
+    """SIGTERM, SIGINT, SIGUSR1 ask the run to stop after the current step, with a checkpoint; a repeated SIGTERM
+    or SIGUSR1 asks again, a second Ctrl-C ends the process at once (docs/checkpoints.md). The ranks agree on the
+    step without a GPU sync: an async all-reduce (MAX) of the flags on a CPU (gloo) group, read a step later."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
@@ -1174,20 +1146,14 @@ class GracefulStop:
 
 
 def check_ranges(args, ranges: dict) -> None:
-    """Every numeric flag against its valid range before anything is written: "> 0", ">= 1", or an interval
-    "[0, 1)" whose brackets say whether each end is included. None (an unset optional flag) passes."""
+    """Every numeric flag against its rule in RANGES before anything is written; None (an unset flag) passes."""
     for name, rule in ranges.items():
         value = getattr(args, name)
         if value is None:
             continue
-        if rule.startswith(">"):
-            op, bound = rule.split()
-            good = value > float(bound) if op == ">" else value >= float(bound)
-        else:
-            low, high = (float(x) for x in rule[1:-1].split(","))
-            above = value >= low if rule[0] == "[" else value > low
-            good = above and (value <= high if rule[-1] == "]" else value < high)
-        if not (good and math.isfinite(value)):
+        low, high = (float(x) for x in ((rule.split()[1], "inf") if rule[0] == ">" else rule[1:-1].split(",")))
+        above = value >= low if rule.startswith((">=", "[")) else value > low  # "> 0" is (0, inf), ">= 1" [1, inf)
+        if not (above and (value <= high if rule[-1] == "]" else value < high) and math.isfinite(value)):
             raise UserError(f"--{name.replace('_', '-')} {value} is out of range: it must be {rule}")
 # <<< shared: entry
 

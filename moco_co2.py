@@ -300,17 +300,14 @@ def main(args: Args) -> dict:
     # METHOD: the queue, K unit random columns [C, K], fp32, outside DDP; the same seed gives every rank the
     # same queue, and the same gathered keys keep it so.
     queue = F.normalize(torch.randn(args.dim, args.queue_size), dim=0).to(device)
-    queue_ptr = 0
     optimizer = torch.optim.SGD(encoder_q.parameters(), lr=lr_peak, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     autocast, scaler, amp_dtype = setup_amp(device, args.amp)
     torch.manual_seed(args.seed + run.rank)  # from here on: per-rank randomness (augmentations, ShuffleBN)
 
     # ---- 5. restore --------------------------------------------------------------------------------------
-    start_epoch, start_batch, step = restore_training(run, encoder_q, encoder_k, optimizer, scaler)
-    if run.ckpt is not None:
-        queue.copy_(run.ckpt["queue"])
-        queue_ptr = run.ckpt["queue_ptr"]
+    start_epoch, start_batch, step = restore_training(run, encoder_q, encoder_k, optimizer, scaler, queue=queue)
+    queue_ptr = run.ckpt["queue_ptr"] if run.ckpt else 0  # the queue's FIFO pointer, a Python int
     model = wrap_model(encoder_q, run, args.compile)
     metrics = MetricsLog(os.path.join(args.out_dir, "metrics.jsonl"), run.rank, step if run.ckpt else None)
     announce(run, args, {"lr used (lr x B/256)": lr_peak, "amp dtype": amp_dtype or "fp32",
@@ -382,23 +379,19 @@ def first_host(nodelist: str) -> str:
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """(GLOBAL rank, world size, device). torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; `srun` sets SLURM_PROCID /
-    SLURM_NTASKS / SLURM_LOCALID, used when RANK is absent, with MASTER_ADDR (default: the job's first host) and
-    MASTER_PORT (default: 20000 + (job id + 1000 x step id) mod 10000, so concurrent steps of a job differ), where
-    rank 0 serves a TCPStore; a rank that finds no rendezvous within RENDEZVOUS_TIMEOUT seconds (default 300) stops
-    with one line. Plain `python` is one process without a process group. NCCL on GPUs, gloo on CPU. The local
-    rank only picks the GPU."""
+    """(GLOBAL rank, world size, device) from torchrun's variables, else srun's (docs/checkpoints.md, SLURM);
+    plain `python` is one process without a process group. The local rank only picks the GPU."""
     env, store = os.environ, None
     tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
     if "RANK" not in env and "SLURM_PROCID" in env and tasks > 1:  # one srun task per GPU
         job, step = (int(env.get(name, "0")) for name in ("SLURM_JOB_ID", "SLURM_STEP_ID"))
         env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
         env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", ""))))
-        env.setdefault("MASTER_PORT", str(20000 + (job + 1000 * step) % 10000))
+        env.setdefault("MASTER_PORT", str(20000 + (job + 1000 * step) % 10000))  # concurrent steps of a job differ
         where, seconds = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}", float(env.get("RENDEZVOUS_TIMEOUT", "300"))
         try:
             store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), tasks, env["RANK"] == "0",
-                                  timedelta(seconds=seconds))  # rank 0 waits until every rank has joined
+                                  timedelta(seconds=seconds))  # rank 0 serves it and waits until every rank joined
         except RuntimeError as e:  # DistStoreError (ranks missing), DistNetworkError (no server, port in use)
             raise UserError(f"rank {env['RANK']} of {tasks} found no rendezvous at {where} within {seconds:g} s "
                             f"({str(e).strip().splitlines()[0]}); start all {tasks} tasks with srun, not plain "
@@ -406,13 +399,12 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if "RANK" not in env:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, local_rank, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, store=store, rank=rank, world_size=world)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, store=store, rank=rank,
+                            world_size=world)
     return rank, world, device
 
 
@@ -458,27 +450,21 @@ def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ShuffleBN step 1 (MoCo section 3.3): gather all ranks' key images, permute them with rank 0's
     permutation, give each rank one slice, so per-GPU BN cannot leak which key belongs to which query.
     One process: a local permutation (it matters only with --bn-splits). Returns (images, inverse perm)."""
-    if not is_distributed():
-        idx_shuffle = torch.randperm(x.shape[0], device=x.device)
-        mine, idx_unshuffle = x[idx_shuffle], torch.argsort(idx_shuffle)
-    else:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        x_all = concat_all_gather(x)  # [R*N, ...]
-        idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    x_all = concat_all_gather(x)  # [R*N, ...]
+    idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
+    if world > 1:
         dist.broadcast(idx_shuffle, src=0)  # every rank uses rank 0's permutation
-        idx_unshuffle = torch.argsort(idx_shuffle)
-        mine = x_all[idx_shuffle.view(world, -1)[rank]]
+    mine = x_all[idx_shuffle.view(world, -1)[rank]]
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         mine = mine.contiguous(memory_format=torch.channels_last)  # back to the caller's (fast) layout
-    return mine, idx_unshuffle
+    return mine, torch.argsort(idx_shuffle)
 
 
 @torch.no_grad()
 def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
     """ShuffleBN step 2: this rank's own key features, in their original order (k_i pairs q_i again)."""
-    if not is_distributed():
-        return x[idx_unshuffle]
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     return concat_all_gather(x)[idx_unshuffle.view(world, -1)[rank]]
 
 
@@ -521,8 +507,8 @@ def use_split_bn(module: nn.Module, splits: int) -> nn.Module:
     return module
 
 
-def check_bn_splits(splits: int, batch_per_rank: int) -> None:
-    if splits < 1 or batch_per_rank % splits or (splits > 1 and batch_per_rank < 2 * splits):
+def check_bn_splits(splits: int, batch_per_rank: int) -> None:  # splits >= 1: RANGES
+    if batch_per_rank % splits or (splits > 1 and batch_per_rank < 2 * splits):
         raise UserError(f"--bn-splits {splits} must be >= 1 and divide the per-process batch {batch_per_rank} "
                         "into sub-batches of at least 2 images")
 # <<< shared: shuffle-bn
@@ -545,10 +531,16 @@ def setup_amp(device: torch.device, enabled: bool):
 
 
 # >>> shared: checkpoint
-def rng_state(device: torch.device) -> dict:
-    """This process's RNG states as plain types (loadable with weights_only=True)."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+def all_rng_states(device: torch.device) -> list:
+    """Every rank's RNG states (CPU tensors and plain types: weights_only=True loads them), in rank order.
+    A collective: all ranks must call it."""
+    mine = {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if not is_distributed():
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
@@ -556,16 +548,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def all_rng_states(device: torch.device) -> list:
-    """Every rank's RNG state, in rank order (a collective: all ranks must call it)."""
-    mine = rng_state(device)
-    if not is_distributed():
-        return [mine]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in mine.items()})
-    return states
 
 
 def tensor_bytes(obj) -> int:
@@ -576,8 +558,7 @@ def tensor_bytes(obj) -> int:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: a per-process temp file, then a rename, so a crash or a full disk leaves the previous file intact.
-    Checks first that the disk holds one more checkpoint with a margin; a failed write removes its temp file."""
+    """Atomic (a per-process temp file, then a rename): a crash or a full disk leaves the previous file intact."""
     folder = os.path.dirname(path) or "."
     need = int(1.1 * tensor_bytes(state)) + 2**26  # tensors + 10 % + 64 MiB for pickle and file system slack
     free = shutil.disk_usage(folder).free
@@ -598,20 +579,22 @@ def save_checkpoint(path: str, state: dict) -> None:
                         f"{need / 2**30:.2f} GiB ({why}); the previous checkpoint is kept") from None
 
 
-def lock_run_folder(out_dir: str) -> None:
-    """One job per --out-dir: rank 0 holds an OS lock on <out-dir>/.lock for the life of the process (released
-    by the kernel even after kill -9). A second job is refused in one line. Holding the lock, it removes the temp
-    checkpoints that processes killed in mid-write left (no live job can own them)."""
+def lock_run_folder(out_dir: str, rank: int) -> None:
+    """Makes --out-dir. One job per folder: rank 0 holds an OS lock on <out-dir>/.lock while it lives (the kernel
+    releases it, even after kill -9) and removes the temp checkpoints left by processes killed in mid-write."""
     global RUN_LOCK
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make --out-dir {out_dir}: {e.strerror}") from None
     error = None
-    if not is_distributed() or dist.get_rank() == 0:
-        path = os.path.join(out_dir, ".lock")
+    if rank == 0:
         try:
-            RUN_LOCK = open(path, "a+")
+            RUN_LOCK = open(os.path.join(out_dir, ".lock"), "a+")
             fcntl.flock(RUN_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
             RUN_LOCK.seek(0), RUN_LOCK.truncate(), RUN_LOCK.write(f"{socket.gethostname()} {os.getpid()}\n")
             RUN_LOCK.flush()
-            for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp.*")):
+            for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp.*")):  # no live job owns them
                 os.remove(stale)
                 print(f"removed {stale}, a temporary checkpoint left by a process killed while writing it")
         except BlockingIOError:
@@ -625,12 +608,9 @@ def lock_run_folder(out_dir: str) -> None:
     raise_on_every_rank(error)
 
 
-def unlock_run_folder() -> None:
-    """Releases the --out-dir lock at the end of a run (the kernel does it anyway when the process ends)."""
-    global RUN_LOCK
+def unlock_run_folder() -> None:  # at the end of main(), for the next main() in this process
     if RUN_LOCK is not None:
-        RUN_LOCK.close()
-        RUN_LOCK = None
+        RUN_LOCK.close()  # (closing it twice is harmless)
 
 
 RUN_LOCK = None
@@ -705,9 +685,7 @@ def make_console(rank: int) -> Console:
 
 def print_args(console: Console, args, derived: dict) -> None:
     """The arguments and derived values as a table; Text() cells, so paths are never parsed as markup."""
-    table = Table(title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
-    table.add_column("argument")
-    table.add_column("value")
+    table = Table("argument", "value", title=f"{SCRIPT_NAME}.py", show_header=True, header_style="bold")
     for key, value in list(asdict(args).items()) + list(derived.items()):
         table.add_row(Text(key), Text(str(value)))
     console.print(table)
@@ -720,9 +698,8 @@ def make_progress(console: Console) -> Progress:
 
 
 class MetricsLog:
-    """<out-dir>/metrics.jsonl, one JSON record per line, written by rank 0. On resume, records after the
-    checkpoint's step (logged after the last checkpoint) are dropped: the file reads as one run. A line torn by
-    a crash in mid-write is dropped too, and said so."""
+    """<out-dir>/metrics.jsonl, one JSON record per line, written by rank 0. On resume, the records after the
+    checkpoint's step and a line torn by a crash in mid-write (said so) are dropped: the file reads as one run."""
 
     def __init__(self, path: str, rank: int, resume_step: Optional[int]):
         self.path, self.active = path, rank == 0
@@ -766,8 +743,7 @@ class Run:
 
 
 def setup_run(args) -> Run:
-    """Checks every numeric flag (RANGES), then processes, device, console, per-process batch, seeds, and the
-    signal handlers. Touches no file."""
+    """Checks every numeric flag (RANGES), then processes, device, console, seeds, signal handlers. No file."""
     check_ranges(args, RANGES)
     rank, world, device = setup_distributed()
     if args.batch_size % world:
@@ -789,11 +765,7 @@ def open_run_folder(run: Run, args, must_match: tuple) -> bool:
         run.console.print(f"{run.resume_path} is at epoch {run.ckpt['next_epoch']}, step {run.ckpt['step']}: "
                           f"nothing to do (raise --epochs or --stop-at-step to train longer)", markup=False)
         return False
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot make --out-dir {args.out_dir}: {e.strerror}") from None
-    lock_run_folder(args.out_dir)
+    lock_run_folder(args.out_dir, run.rank)
     return True
 
 
@@ -812,12 +784,14 @@ def make_knn_sets(args, console: Console):
     return torch.utils.data.Subset(split[0], range(0, len(split[0]), stride)), split[1]
 
 
-def restore_training(run: Run, encoder_q: nn.Module, encoder_k: nn.Module, optimizer, scaler) -> tuple:
-    """Encoders, optimizer, scaler and this rank's RNG from run.ckpt (the caller restores its queue or bank).
-    Returns (start epoch, start batch, global step): (0, 0, 0) for a fresh run."""
+def restore_training(run: Run, encoder_q: nn.Module, encoder_k: nn.Module, optimizer, scaler, **state) -> tuple:
+    """Encoders, optimizer, scaler, this rank's RNG and the method's `state` tensors (queue=..., bank=...: copied in
+    place from the same keys) from run.ckpt. Returns (start epoch, start batch, global step): (0, 0, 0) if fresh."""
     ckpt = run.ckpt
     if ckpt is None:
         return 0, 0, 0
+    for name, tensor in state.items():
+        tensor.copy_(ckpt[name])
     encoder_q.load_state_dict(ckpt["encoder_q"])
     encoder_k.load_state_dict(ckpt["encoder_k"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -849,25 +823,21 @@ def announce(run: Run, args, derived: dict) -> None:
 
 
 class StepTail:
-    """The end of every training step, alike in every script, and the only place with host syncs.
-
-    A step hands in its statistics by name (0-dim device tensors), summed on the device. Every --log-every
-    steps and before each checkpoint: ONE all-reduce of the sums, the non-finite guard, a metrics.jsonl
-    record, a console line. End of epoch: the kNN monitor (every --knn-every epochs). last.pt at the end of
-    each epoch, every --ckpt-every-steps and at --stop-at-step. checkpoint_state(next_epoch, next_batch) is
-    the method's checkpoint; log_values() adds host values read only when logging."""
+    """The end of every training step, alike in every script, and the only place with host syncs: statistics
+    are summed on the device and all-reduced once per log window (docs/checkpoints.md: when last.pt is written).
+    checkpoint_state(next_epoch, next_batch) is the method's checkpoint; log_values() adds host values to a log."""
 
     def __init__(self, args, run: Run, steps_per_epoch: int, metrics: MetricsLog, checkpoint_state, knn_sets,
                  backbone: nn.Module, autocast, log_values=dict):
         self.args, self.run, self.steps_per_epoch, self.metrics = args, run, steps_per_epoch, metrics
         self.checkpoint_state, self.knn_sets = checkpoint_state, knn_sets
-        self.backbone, self.autocast = backbone, autocast
+        self.backbone, self.autocast, self.last = backbone, autocast, os.path.join(args.out_dir, "last.pt")
         self.log_values, self.names, self.sums = log_values, None, None
         self.window_start, self.record, self.stopped, self.signal = time.perf_counter(), None, False, 0
 
     def __call__(self, epoch: int, done: int, step: int, stats: dict, **fields) -> bool:
-        """After `done` batches of `epoch`, at global step `step`; fields (lr, ...) are logged as given.
-        Returns True when the run stops here (--stop-at-step or a signal), after its checkpoint."""
+        """After `done` batches of `epoch`, at global step `step`; stats: 0-dim device tensors by name, fields
+        (lr, ...) logged as given. True when the run stops here (--stop-at-step or a signal), after its checkpoint."""
         args = self.args
         values = torch.stack([*(v.detach().float() for v in stats.values()), torch.ones((), device=self.run.device)])
         if self.sums is None:
@@ -881,12 +851,12 @@ class StepTail:
         if end_of_epoch and self.knn_sets is not None and (epoch + 1) % args.knn_every == 0:
             self.knn_monitor(epoch, step)
         if save:
-            state = self.checkpoint_state(epoch + 1, 0) if end_of_epoch else self.checkpoint_state(epoch, done)
-            self.save(os.path.join(args.out_dir, "last.pt"), state)
+            self.save(self.last, self.checkpoint_state(epoch + 1, 0) if end_of_epoch else
+                      self.checkpoint_state(epoch, done))
         if self.stopped:
             why = f"by {signal.Signals(self.signal).name}" if self.signal else "(--stop-at-step)"
-            self.run.console.print(f"stopped {why} at step {step}; {os.path.join(args.out_dir, 'last.pt')} holds "
-                                   f"it; continue with the same command and --resume auto", markup=False)
+            self.run.console.print(f"stopped {why} at step {step}; {self.last} holds it; continue with the same "
+                                   f"command and --resume auto", markup=False)
         return self.stopped
 
     def save(self, path: str, state: dict) -> None:
@@ -907,8 +877,8 @@ class StepTail:
         if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
             bad = os.path.join(self.args.out_dir, f"nonfinite_step{step}.pt")  # last.pt stays the last good state
             self.save(bad, self.checkpoint_state(epoch, done))
-            last = os.path.join(self.args.out_dir, "last.pt")
-            kept = f"{last} is the last good checkpoint" if os.path.exists(last) else "no checkpoint was written before"
+            kept = f"{self.last} is the last good checkpoint" if os.path.exists(self.last) else \
+                "no checkpoint was written before"
             raise UserError(f"non-finite loss or state at epoch {epoch}, step {step} ({record}); {kept}, the diverged "
                             f"state is in {bad}")
         if self.run.device.type == "cuda":
@@ -936,16 +906,15 @@ class StepTail:
         if self.signal:
             raise SystemExit(128 + self.signal)
         if not self.stopped:
-            last = os.path.join(self.args.out_dir, "last.pt")
-            self.run.console.print(f"done: {self.args.epochs} epochs, {step} steps; checkpoint {last}", markup=False)
+            self.run.console.print(f"done: {self.args.epochs} epochs, {step} steps; checkpoint {self.last}",
+                                   markup=False)
 # <<< shared: pretrain
 
 
 # >>> shared: entry
 def cli(main, args_type) -> None:
-    """Parses Args with tyro (--help comes from the field docstrings) and runs main. A UserError becomes one
-    line on stderr and exit code 2, a full /dev/shm one line and exit code 1, no traceback. Always tears down the
-    process group."""
+    """Parses Args with tyro (--help from the field docstrings) and runs main. A UserError is one line on stderr
+    and exit code 2, a full /dev/shm one line and exit code 1, no traceback. Always tears down the process group."""
     args = tyro.cli(args_type, console_outputs=os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0")
 
     def exit_with_one_line(message: str, code: int) -> None:
@@ -973,11 +942,9 @@ def cli(main, args_type) -> None:
 
 
 class GracefulStop:
-    """SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C, SLURM's --signal) ask the run to stop after the current
-    step with a checkpoint. A repeated SIGTERM or SIGUSR1 asks again (under torchrun a worker gets SLURM's signal
-    twice: directly and forwarded); a second Ctrl-C ends the process at once. The ranks agree on the step: each step
-    every rank starts an all-reduce (MAX) of its flag on a CPU (gloo) group and reads the previous step's
-    result, so a signal to any one rank stops all of them at the same step, without a GPU sync."""
+    """SIGTERM, SIGINT, SIGUSR1 ask the run to stop after the current step, with a checkpoint; a repeated SIGTERM
+    or SIGUSR1 asks again, a second Ctrl-C ends the process at once (docs/checkpoints.md). The ranks agree on the
+    step without a GPU sync: an async all-reduce (MAX) of the flags on a CPU (gloo) group, read a step later."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
@@ -1006,20 +973,14 @@ class GracefulStop:
 
 
 def check_ranges(args, ranges: dict) -> None:
-    """Every numeric flag against its valid range before anything is written: "> 0", ">= 1", or an interval
-    "[0, 1)" whose brackets say whether each end is included. None (an unset optional flag) passes."""
+    """Every numeric flag against its rule in RANGES before anything is written; None (an unset flag) passes."""
     for name, rule in ranges.items():
         value = getattr(args, name)
         if value is None:
             continue
-        if rule.startswith(">"):
-            op, bound = rule.split()
-            good = value > float(bound) if op == ">" else value >= float(bound)
-        else:
-            low, high = (float(x) for x in rule[1:-1].split(","))
-            above = value >= low if rule[0] == "[" else value > low
-            good = above and (value <= high if rule[-1] == "]" else value < high)
-        if not (good and math.isfinite(value)):
+        low, high = (float(x) for x in ((rule.split()[1], "inf") if rule[0] == ">" else rule[1:-1].split(",")))
+        above = value >= low if rule.startswith((">=", "[")) else value > low  # "> 0" is (0, inf), ">= 1" [1, inf)
+        if not (above and (value <= high if rule[-1] == "]" else value < high) and math.isfinite(value)):
             raise UserError(f"--{name.replace('_', '-')} {value} is out of range: it must be {rule}")
 # <<< shared: entry
 
