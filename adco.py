@@ -251,9 +251,7 @@ def bank_momentum_step(bank: torch.Tensor, velocity: torch.Tensor, grad: torch.T
 @torch.no_grad()
 def fill_bank(bank: torch.Tensor, filled: int, k_all: torch.Tensor) -> int:
     """Bank init: W[:, filled : filled+B] <- k_allᵀ (B unit keys, rank order, same on all ranks); returns filled+B."""
-    batch, size = k_all.shape[0], bank.shape[1]
-    if filled + batch > size:
-        raise ValueError(f"bank of size {size} with {filled} filled columns cannot take {batch} keys (K % B != 0)")
+    batch = k_all.shape[0]  # main() refuses K % B != 0
     bank[:, filled:filled + batch] = k_all.T
     return filled + batch
 
@@ -573,9 +571,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     with per-GPU BN, so ShuffleBN works on one GPU (--bn-splits S; MoCo's CIFAR-10 demo uses 8). Running
     statistics = mean of the S sub-batch updates; eval mode is plain BN; same state dict as nn.BatchNorm2d."""
 
-    def __init__(self, bn: nn.BatchNorm2d, splits: int):
-        if not (bn.affine and bn.track_running_stats and bn.momentum is not None):
-            raise ValueError("SplitBatchNorm2d needs an affine BN with running statistics and a float momentum")
+    def __init__(self, bn: nn.BatchNorm2d, splits: int):  # torchvision's BN: affine, running statistics, momentum
         super().__init__(bn.num_features, bn.eps, bn.momentum, device=bn.weight.device, dtype=bn.weight.dtype)
         self.load_state_dict(bn.state_dict())
         self.splits = splits
@@ -767,7 +763,7 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     if not isinstance(ckpt, dict) or found != SCRIPT_NAME:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
         raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint (it holds {what})")
-    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}  # flags added later: the value older runs had
+    old = ckpt["args"]
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
                for k in must_match if old.get(k) != getattr(args, k)]
     if changed:

@@ -706,7 +706,7 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     if not isinstance(ckpt, dict) or found != SCRIPT_NAME:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
         raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint (it holds {what})")
-    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}  # flags added later: the value older runs had
+    old = ckpt["args"]
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
                for k in must_match if old.get(k) != getattr(args, k)]
     if changed:

@@ -233,9 +233,7 @@ def momentum_update(encoder_q: nn.Module, encoder_k: nn.Module, m: float) -> Non
 def enqueue(queue: torch.Tensor, ptr: int, k_all: torch.Tensor) -> int:
     """FIFO: queue[:, ptr : ptr+B] <- k_allᵀ replaces the oldest B keys; returns (ptr + B) mod K. k_all: [B, C],
     the same on every rank, so the queues stay identical; ptr is a Python int (no host sync)."""
-    batch, size = k_all.shape[0], queue.shape[1]
-    if ptr + batch > size:
-        raise ValueError(f"queue of size {size} at pointer {ptr} cannot take {batch} keys (K % B != 0)")
+    batch, size = k_all.shape[0], queue.shape[1]  # main() refuses K % B != 0
     queue[:, ptr:ptr + batch] = k_all.T
     return (ptr + batch) % size
 
@@ -473,9 +471,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     with per-GPU BN, so ShuffleBN works on one GPU (--bn-splits S; MoCo's CIFAR-10 demo uses 8). Running
     statistics = mean of the S sub-batch updates; eval mode is plain BN; same state dict as nn.BatchNorm2d."""
 
-    def __init__(self, bn: nn.BatchNorm2d, splits: int):
-        if not (bn.affine and bn.track_running_stats and bn.momentum is not None):
-            raise ValueError("SplitBatchNorm2d needs an affine BN with running statistics and a float momentum")
+    def __init__(self, bn: nn.BatchNorm2d, splits: int):  # torchvision's BN: affine, running statistics, momentum
         super().__init__(bn.num_features, bn.eps, bn.momentum, device=bn.weight.device, dtype=bn.weight.dtype)
         self.load_state_dict(bn.state_dict())
         self.splits = splits
@@ -667,7 +663,7 @@ def load_checkpoint(path: str, args, must_match: tuple) -> dict:
     if not isinstance(ckpt, dict) or found != SCRIPT_NAME:
         what = f"method {found!r}" if found else f"keys {sorted(ckpt)[:6]}"
         raise UserError(f"{path} is not a {SCRIPT_NAME}.py checkpoint (it holds {what})")
-    old = {"blur": True, "bn_splits": 1, **ckpt["args"]}  # flags added later: the value older runs had
+    old = ckpt["args"]
     changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}"
                for k in must_match if old.get(k) != getattr(args, k)]
     if changed:

@@ -149,7 +149,7 @@ def test_labels_fill_bank_init_logits_and_schedule():
     for step in range(3):  # 3 global batches of 2 keys fill 6 columns in order
         filled = adco.fill_bank(bank, filled, torch.full((2, 2), float(step + 1)))
     assert filled == 6 and bank[0].tolist() == [1, 1, 2, 2, 3, 3]
-    with pytest.raises(ValueError):
+    with pytest.raises(RuntimeError):  # a batch that overruns the bank is refused by torch
         adco.fill_bank(bank, 6, torch.ones(2, 2))
     q, key, w = unit(3, 4, seed=1), unit(3, 4, seed=2), raw_bank(4, 5)
     logits, labels = adco.init_logits(q.float(), key.float(), w, 0.12)
