@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -283,6 +284,7 @@ def run_sbatch(script: str, tmp_path, code: int, signal_shell: bool = False) -> 
     if signal_shell:  # what --signal=B:TERM does: SIGTERM to the batch shell only
         while not (tmp_path / "started").exists():
             assert proc.poll() is None
+        time.sleep(0.5)  # the shell has also run `pid=$!`, the line after `&` (a signal before it reaches no child)
         proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     return proc.returncode, (tmp_path / "scontrol").read_text()
