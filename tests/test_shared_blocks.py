@@ -129,9 +129,10 @@ LIMITS = {"moco_co2.py": {"method": 480, "appendix": 500, "file": 950},
           "linear_eval.py": {"method": 800, "file": 1100},
           "common.py": {"file": 900}}
 HEADER_MAX, MAIN_MAX, RATIO_RANGE = 45, 180, (0.25, 0.60)  # module docstring, main(), (doc + comment) / code
-# Over the limit today (the appendix and so the file): strict, so the marker must go once a limit is met.
-NOT_YET_MET = {("moco_co2.py", "appendix"), ("moco_co2.py", "file"), ("adco.py", "appendix"), ("adco.py", "file"),
-               ("caco.py", "appendix"), ("caco.py", "file"), ("linear_eval.py", "file")}
+# Over the limit today: the size they have now is their cap (they may shrink, never grow), until they meet it.
+NOT_YET_MET = {("moco_co2.py", "appendix"): 616, ("moco_co2.py", "file"): 985, ("adco.py", "appendix"): 616,
+               ("adco.py", "file"): 1085, ("caco.py", "appendix"): 548, ("caco.py", "file"): 1028,
+               ("linear_eval.py", "file"): 1162}
 
 
 def measure(path) -> dict:
@@ -156,13 +157,15 @@ def measure(path) -> dict:
             "main": main[0] if main else 0, "ratio": len(docs | comments) / len(code)}
 
 
-@pytest.mark.parametrize("name,part", [
-    pytest.param(name, part, marks=[pytest.mark.xfail(strict=True, reason="over the limit today")]
-                 if (name, part) in NOT_YET_MET else [])
-    for name, limits in LIMITS.items() for part in limits])
+@pytest.mark.parametrize("name,part", [(name, part) for name, limits in LIMITS.items() for part in limits])
 def test_line_limits(name, part):
-    size = measure(ROOT / name)
-    assert size[part] <= LIMITS[name][part], f"{name}: {part} has {size[part]} lines, the limit is {LIMITS[name][part]}"
+    size, limit = measure(ROOT / name)[part], LIMITS[name][part]
+    cap = NOT_YET_MET.get((name, part))
+    if cap is None:
+        assert size <= limit, f"{name}: {part} has {size} lines, the limit is {limit}"
+    else:
+        assert size > limit, f"{name}: {part} meets its limit ({size} <= {limit}): remove it from NOT_YET_MET"
+        assert size <= cap, f"{name}: {part} grew to {size} lines; it may not pass {cap} on its way to {limit}"
 
 
 @pytest.mark.parametrize("name", list(LIMITS))
