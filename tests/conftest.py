@@ -39,13 +39,15 @@ def pytest_configure(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """The controller's folder in RAM goes after a green run; after a failure it says where the files are."""
-    folder = session.config.option.basetemp
-    if hasattr(session.config, "workerinput") or not folder or not str(folder).startswith(RAM_FOLDER + "/"):
+    """After a green run the session's temporary folder goes: the runs' checkpoints would fill a disk (pytest keeps
+    three sessions' folders), and with pytest-xdist it holds the workers' folders and the shared two_ranks one.
+    After a failure it is kept for inspection, and a folder in RAM says where it is."""
+    if hasattr(session.config, "workerinput"):
         return
+    folder = session.config._tmp_path_factory.getbasetemp()
     if exitstatus == 0:
         shutil.rmtree(folder, ignore_errors=True)
-    else:
+    elif str(folder).startswith(RAM_FOLDER + "/"):
         print(f"\nthe failed tests' files are kept in {folder} (in RAM: remove it when done)")
 
 
@@ -63,15 +65,6 @@ def pytest_runtest_makereport(item, call):
 
 
 FAILED, TMP_PATH = pytest.StashKey[bool](), pytest.StashKey[Path]()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _remove_temp_files_after_a_green_run(tmp_path_factory, request):
-    """Module and session fixtures' runs: pytest keeps the last three sessions' folders, which filled a CI disk
-    once; keep this session's files only when a test failed."""
-    yield
-    if request.session.testsfailed == 0:
-        shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
 
 
 def _env(extra=None):
