@@ -4,7 +4,8 @@ rule, a full disk or /dev/shm, a file size limit, a damaged checkpoint, two jobs
 nonsense numbers.
 
 The plumbing under test is the fenced blocks, identical in every script (tests/test_shared_blocks.py), so most
-tests drive moco_co2.py; the resume-after-signal test runs all three methods."""
+tests drive moco_co2.py. A run is its own process where the process is under test (signals, torchrun, srun steps,
+kill -9, a private /dev/shm); the other runs go through the script's entry point in this process (run_cli)."""
 import fcntl
 import json
 import os
