@@ -10,7 +10,7 @@ import tyro
 
 import adco
 from common import UserError, pil_views
-from conftest import TINY, assert_state_equal, final_state, load, run_cli, run_script, unit
+from conftest import TINY, assert_state_equal, final_state, load, run_cli, unit
 
 
 def raw_bank(c, k, seed=3, dtype=torch.float64):
@@ -267,9 +267,11 @@ def test_resume_is_bitwise_identical(tmp_path):
 
 
 def test_tiny_end_to_end_single_crop_as_a_user_runs_it(tmp_path):
+    """The command line through adco.py's entry point, in-process (tests/test_evidence.py runs adco.py as its own
+    process)."""
     out = tmp_path / "run"
-    proc = run_script("adco.py", *TINY, "--epochs", "2", "--bank-size", "64", "--out-dir", out,
-                      "--knn-every", "1", "--log-every", "2")
+    proc = run_cli("adco.py", *TINY, "--epochs", "2", "--bank-size", "64", "--out-dir", out,
+                   "--knn-every", "1", "--log-every", "2")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["bank_init_steps"] == 4  # K / B = 64 / 16
     train = [r for r in records if "loss" in r]

@@ -11,7 +11,7 @@ import tyro
 
 import caco
 from common import UserError, pil_views
-from conftest import TINY, assert_state_equal, final_state, load, run_cli, run_script, unit
+from conftest import TINY, assert_state_equal, final_state, load, run_cli, unit
 
 
 def raw_bank(c, k, seed=3, dtype=torch.float64):
@@ -294,9 +294,11 @@ def test_two_processes_keep_identical_banks(two_ranks):
 
 
 def test_tiny_end_to_end_as_a_user_runs_it(tmp_path):
+    """The command line through caco.py's entry point, in-process (tests/test_evidence.py runs caco.py as its own
+    process)."""
     out = tmp_path / "run"
-    proc = run_script("caco.py", *TINY, "--epochs", "2", "--bank-size", "64", "--mlp-dim", "512",
-                      "--out-dir", out, "--knn-every", "1", "--log-every", "2")
+    proc = run_cli("caco.py", *TINY, "--epochs", "2", "--bank-size", "64", "--mlp-dim", "512",
+                   "--out-dir", out, "--knn-every", "1", "--log-every", "2")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [2, 4, 6, 8] and [r["epoch"] for r in train] == [0, 0, 1, 1]

@@ -20,7 +20,7 @@ import torchvision
 
 import linear_eval as le
 from common import UserError, eval_transform, make_dataset
-from conftest import ROOT, TINY, assert_state_equal, load, run_cli, run_script
+from conftest import ROOT, TINY, assert_state_equal, load, run_cli
 
 TINY_KW = dict(dataset="synthetic", synthetic_images=64, arch="resnet18", image_size=32, batch_size=16, workers=0,
                seed=0)
@@ -252,8 +252,8 @@ def test_equal_classes_are_accepted_and_the_probe_checks_names_too(tmp_path):
 # end to end on a real moco_co2.py checkpoint
 # ---------------------------------------------------------------------------------------------------
 def test_contract_run_writes_top1_and_counts_the_whole_val_set(pretrained, tmp_path):
-    out = tmp_path / "lin"
-    run_script("linear_eval.py", *TINY, "--checkpoint", pretrained, "--epochs", "1", "--out-dir", out)
+    out = tmp_path / "lin"  # the entry point in-process; tests/test_cluster.py runs linear_eval.py as a process
+    run_cli("linear_eval.py", *TINY, "--checkpoint", pretrained, "--epochs", "1", "--out-dir", out)
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"epoch", "loss", "lr", "top1", "top5"} <= set(record) and record["lr"] == 30.0 * 16 / 256
     # brute force: the saved model on every val image, one by one
