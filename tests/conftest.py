@@ -3,7 +3,10 @@ tiny settings.
 
 Every training script accepts TINY (a synthetic 64-image, 32 px, ResNet-18 run that takes seconds on CPU).
 """
+import contextlib
 import fcntl
+import importlib
+import io
 import os
 import shutil
 import socket
@@ -99,10 +102,6 @@ def run_cli(script, *args, check=True, env=None, cwd=None) -> Ran:
     command line is under test but the process is not: signals, torchrun, kill -9 and the interpreter's own exit
     stay with run_script. An exception that the entry point does not turn into an exit code propagates; with
     `check`, so does a non-zero exit code, as an AssertionError with the output."""
-    import contextlib
-    import importlib
-    import io
-
     module = importlib.import_module(Path(script).stem)
     out, err, code = io.StringIO(), io.StringIO(), 0
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
@@ -198,12 +197,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def write_cifar10(root, train_per_batch: int = 8, test: int = 8, seed: int = 0) -> dict:
+def write_cifar10(root, monkeypatch, train_per_batch: int = 8, test: int = 8, seed: int = 0) -> None:
     """torchvision's CIFAR-10 files (cifar-10-batches-py: 5 pickled train batches, test_batch, batches.meta)
     under `root`, filled with generated images, labels 0..9 in turn. The files cannot match torchvision's MD5
-    sums, so this also writes a sitecustomize.py that skips that check; returns the environment (PYTHONPATH)
-    under which a script subprocess loads them. The bypass exists in tests only."""
+    sums, so torchvision's check is skipped in this process for the test (monkeypatch undoes it)."""
     import pickle
+
+    import torchvision.datasets.cifar
 
     folder = Path(root) / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
@@ -216,11 +216,7 @@ def write_cifar10(root, train_per_batch: int = 8, test: int = 8, seed: int = 0) 
             pickle.dump({"data": pixels, "labels": [i % 10 for i in range(n)]}, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"class{c}" for c in range(10)]}, f)
-    bypass = Path(root) / "md5_bypass"
-    bypass.mkdir(exist_ok=True)
-    (bypass / "sitecustomize.py").write_text(
-        "import torchvision.datasets.cifar as c\nc.check_integrity = lambda *args, **kwargs: True  # test files only\n")
-    return {"PYTHONPATH": os.pathsep.join([str(bypass), os.environ.get("PYTHONPATH", "")])}
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
 
 
 @pytest.fixture(scope="session")

@@ -39,8 +39,8 @@ TINY = dict(dataset="synthetic", synthetic_images=64, arch="resnet18", image_siz
 
 
 def save(results: dict, prefix: str) -> None:
-    """This rank's results in <prefix><rank>.pt."""
-    torch.save(results, f"{prefix}{dist.get_rank()}.pt")
+    """This rank's results in <prefix><rank>.pt (RANK from torchrun: it holds after the group is gone too)."""
+    torch.save(results, f"{prefix}{os.environ['RANK']}.pt")
 
 
 def reuse_the_group(module) -> None:
@@ -68,7 +68,8 @@ def job_adco(out: str) -> None:
     for variant, extra in (("single", {}), ("sym_noinit", {"sym": True, "bank_init": False})):
         state = adco.main(adco.Args(**TINY, bank_size=64, out_dir=os.path.join(out, variant), **extra))
         save({"bank": state["bank"], "bank_velocity": state["bank_velocity"], **last_step,
-              "local_rank": int(os.environ["LOCAL_RANK"]), "world": dist.get_world_size()}, os.path.join(out, f"{variant}_rank"))
+              "local_rank": int(os.environ["LOCAL_RANK"]), "world": dist.get_world_size()},
+             os.path.join(out, f"{variant}_rank"))
         reuse_the_group(adco)
     adco.batch_unshuffle, adco.adco_loss_and_bank_grad = originals
 
@@ -178,12 +179,13 @@ def job_refusal(out: str) -> None:
             code = 0
         except SystemExit as e:
             code = e.code
-    torch.save({"code": code, "stderr": err.getvalue(), "wrote": os.path.exists(os.path.join(out, "run"))},
-               os.path.join(out, f"rank{os.environ['RANK']}.pt"))
+    save({"code": code, "stderr": err.getvalue(), "wrote": os.path.exists(os.path.join(out, "run"))},
+         os.path.join(out, "rank"))
 
 
 if __name__ == "__main__":
     root = sys.argv[1]
-    for name in ("adco", "moco", "caco", "augment", "extract", "linear_eval", "refusal"):  # adco first: it sets the process group up
+    # adco first: its main() sets the process group up; refusal last: cli() ends it
+    for name in ("adco", "moco", "caco", "augment", "extract", "linear_eval", "refusal"):
         os.makedirs(os.path.join(root, name), exist_ok=True)
         globals()[f"job_{name}"](os.path.join(root, name))

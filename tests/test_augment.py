@@ -290,8 +290,7 @@ def test_each_recipe_gives_the_same_channel_statistics_on_both_paths(tmp_path, n
 
 # ---- 4. data paths and training ---------------------------------------------------------------------------
 def test_in_memory_datasets_hold_the_same_pixels(tmp_path, monkeypatch):
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)  # generated files
-    write_cifar10(tmp_path)
+    write_cifar10(tmp_path, monkeypatch)
     for dataset in (C.make_dataset("cifar10", str(tmp_path), "train", None),
                     C.make_dataset("synthetic", None, "train", None, synthetic_images=12, image_size=16)):
         images, labels = C.images_in_memory(dataset)
@@ -342,15 +341,14 @@ def test_device_augmentation_from_jpeg_files_resumes_bitwise(tmp_path):
 
 
 def test_scripts_train_on_device_from_jpeg_files_and_cifar_files(tmp_path, monkeypatch):
-    """As a user runs it (the CLI, in-process): --augment-on device from an ImageFolder (a worker process reads the files, the main
-    process decodes them) and from torchvision's CIFAR-10 files (held in memory as one uint8 tensor)."""
+    """As a user runs it (the CLI, in-process): --augment-on device from an ImageFolder (a worker process reads the
+    files, the main process decodes them) and from torchvision's CIFAR-10 files (held in memory as one uint8 tensor)."""
     jpeg_folder(tmp_path / "jpegs", n=32)
     (tmp_path / "jpegs" / "val").symlink_to(tmp_path / "jpegs" / "train")
     moco_co2.main(tiny(moco_co2, tmp_path / "from-jpegs", dataset="imagefolder", data=str(tmp_path / "jpegs"),
                        epochs=1, queue_size=32, workers=1))  # a worker reads the files, this process decodes
     assert load(tmp_path / "from-jpegs" / "last.pt")["step"] == 2
-    write_cifar10(tmp_path / "cifar", train_per_batch=8)
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)  # test files
+    write_cifar10(tmp_path / "cifar", monkeypatch, train_per_batch=8)
     run_cli("caco.py", "--dataset", "cifar10", "--data", tmp_path / "cifar", "--augment-on", "device",
             "--arch", "resnet18", "--small-stem", "--image-size", "32", "--batch-size", "16", "--bank-size", "32",
             "--epochs", "1", "--workers", "0", "--out-dir", tmp_path / "from-cifar")

@@ -111,12 +111,9 @@ def test_cifar10_by_name_reads_torchvision_files_and_says_where_they_go(tmp_path
     naming the folder (this machine has no network, so the download attempt fails)."""
     import pickle
 
-    import torchvision.datasets.cifar as cifar
-
     from conftest import write_cifar10
 
-    write_cifar10(tmp_path / "data", train_per_batch=4, test=6)
-    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    write_cifar10(tmp_path / "data", monkeypatch, train_per_batch=4, test=6)
     train = make_dataset("cifar10", str(tmp_path / "data"), "train", None)
     val = make_dataset("cifar10", str(tmp_path / "data"), "val", None)
     assert len(train) == 20 and len(val) == 6 and train.classes == [f"class{c}" for c in range(10)]
@@ -167,8 +164,6 @@ def test_check_same_classes_names_the_difference():
 
 
 def test_check_same_classes_reads_imagefolder_and_cifar(tmp_path, monkeypatch):
-    import torchvision.datasets.cifar as cifar
-
     from conftest import write_cifar10
 
     for split, names in (("train", ["cat", "dog"]), ("val", ["cat", "dgo"])):
@@ -178,8 +173,7 @@ def test_check_same_classes_reads_imagefolder_and_cifar(tmp_path, monkeypatch):
     train = make_dataset("imagefolder", str(tmp_path / "folders"), "train", None)
     with pytest.raises(UserError, match=r"missing in val \['dog'\], only in val \['dgo'\]"):
         check_same_classes(train, make_dataset("imagefolder", str(tmp_path / "folders"), "val", None), "kNN")
-    write_cifar10(tmp_path / "cifar", train_per_batch=2, test=2)
-    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    write_cifar10(tmp_path / "cifar", monkeypatch, train_per_batch=2, test=2)
     check_same_classes(make_dataset("cifar10", str(tmp_path / "cifar"), "train", None),
                        make_dataset("cifar10", str(tmp_path / "cifar"), "val", None), "kNN")
 

@@ -82,7 +82,8 @@ def test_a_fork_is_found_checked_trained_and_evaluated_with_no_other_file_edited
     check_identical(tmp_path)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "my_method.py", *map(str, TINY), "--queue-size", "64", "--epochs", "1",
-                           "--out-dir", str(out)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+                           "--out-dir", str(out)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_cli("linear_eval.py", "--knn", "--checkpoint", out / "last.pt", *TINY, "--out-dir", tmp_path / "knn")
     assert "kNN (k=200" in proc.stdout and "my_method.py checkpoint" in proc.stdout
